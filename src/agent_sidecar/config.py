@@ -1,0 +1,318 @@
+"""The one settings model: CLI flags over environment over TOML file over defaults."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from yarl import URL
+
+ENV_PREFIX = "AGENT_SIDECAR_"
+CONFIG_ENV = "AGENT_SIDECAR_CONFIG"
+SECRET_MASK = "**********"  # noqa: S105 - what a secret is shown as
+
+# Which setting names the Coder agent's own variables feed. They are a contract with
+# deployment docs, so they are spelled out here once and nowhere else.
+_CODER_ALIASES: dict[str, tuple[str, ...]] = {
+    "coder_url": ("CODER_AGENT_URL",),
+    "coder_token": ("CODER_AGENT_TOKEN",),
+    "coder_token_file": ("CODER_AGENT_TOKEN_FILE",),
+}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message is one line per problem, fit for a person."""
+
+
+def default_socket_path() -> Path:
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return Path(runtime_dir) / "agent-sidecar.sock"
+    return Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")  # noqa: S108 - per-uid name, 0600
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables that set a field, in the order they are consulted."""
+    return (ENV_PREFIX + name.upper(), *_CODER_ALIASES.get(name, ()))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _aliases(name: str) -> AliasChoices:
+    return AliasChoices(*env_names(name))
+
+
+def _http_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http(s) URL with a host, like http://localhost:3284")
+    return value
+
+
+# The file values for the load in progress. A context variable rather than a class
+# attribute so that concurrent loads (tests) never see each other's file.
+_file_values: ContextVar[Mapping[str, Any] | None] = ContextVar("_file_values", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_file_values.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_values.get() or {})
+
+
+class Settings(BaseSettings):
+    """Every knob of agent-sidecar. Names carry their units; each is also an env var."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        populate_by_name=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
+        frozen=True,
+    )
+
+    agentapi_url: str = Field(
+        "http://localhost:3284",
+        description="agentapi base URL",
+    )
+    coder_url: str | None = Field(
+        None,
+        validation_alias=_aliases("coder_url"),
+        description="Coder access URL; unset means no uploads",
+    )
+    coder_token: SecretStr | None = Field(
+        None,
+        validation_alias=_aliases("coder_token"),
+        description="Coder agent token (never accepted as a flag)",
+    )
+    coder_token_file: Path | None = Field(
+        None,
+        validation_alias=_aliases("coder_token_file"),
+        description="file holding the agent token; re-read when it changes, wins over the token",
+    )
+    task_id: uuid.UUID | None = Field(
+        None,
+        description="Coder task id (a UUID); unset means no uploads",
+    )
+    max_snapshot_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=65536,
+        description="cap on the encoded snapshot body, 1024..65536",
+    )
+    sink_dir: Path | None = Field(
+        None,
+        description="directory where each snapshot is also written as <task-id or local>.json",
+    )
+    socket: Path = Field(
+        default_factory=default_socket_path,
+        description="relay Unix socket path",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="auto (console on a TTY, else JSON lines), json or console",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
+    settle_s: float = Field(
+        0.5, ge=0, le=60,
+        description="upload this long after a change once the agent is stable",
+    )
+    max_staleness_s: float = Field(
+        10, gt=0, le=3600,
+        description="while the agent runs, upload no later than this after the first unsent change",
+    )
+    shutdown_timeout_s: float = Field(
+        8, gt=0, le=300,
+        description="the whole shutdown, final upload included, finishes within this",
+    )
+    upload_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="timeout of one upload attempt",
+    )
+    retry_initial_s: float = Field(
+        1, gt=0, le=3600,
+        description="first upload retry back-off (exponential, full jitter)",
+    )
+    retry_max_s: float = Field(
+        60, gt=0, le=3600,
+        description="cap on the upload retry back-off and on Retry-After",
+    )
+    rejected_backoff_s: float = Field(
+        300, gt=0, le=86400,
+        description="wait after coderd rejects the token (401) or the task (404)",
+    )
+    reconnect_initial_s: float = Field(
+        0.5, gt=0, le=600,
+        description="first agentapi reconnect back-off",
+    )
+    reconnect_max_s: float = Field(
+        10, gt=0, le=600,
+        description="cap on the agentapi reconnect back-off",
+    )
+    poll_interval_s: float = Field(
+        1, gt=0, le=600,
+        description="polling period when agentapi has no /events",
+    )
+    max_event_bytes: int = Field(
+        32 * 1024 * 1024, ge=65536,
+        description="larger SSE events from agentapi are dropped",
+    )
+    send_wait_s: float = Field(
+        30, ge=0, le=3600,
+        description="default wait for the agent to be stable before relaying input",
+    )
+    metrics_addr: str | None = Field(
+        None,
+        description="also serve /metrics over TCP at HOST:PORT; unset means socket only",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+    @field_validator("agentapi_url")
+    @classmethod
+    def _check_agentapi_url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("coder_url")
+    @classmethod
+    def _check_coder_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        return _http_url(value)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, like 127.0.0.1:9464")
+        return value
+
+    @property
+    def uploads_disabled_reason(self) -> str | None:
+        """Why no snapshot can be uploaded, or None when uploads are on."""
+        missing = [
+            name
+            for name, value, env in (
+                ("Coder URL", self.coder_url, "CODER_AGENT_URL"),
+                ("task id", self.task_id, "AGENT_SIDECAR_TASK_ID"),
+            )
+            if value is None
+        ]
+        if missing:
+            return "no " + " and no ".join(missing) + " configured"
+        if self.coder_token is None and self.coder_token_file is None:
+            return "no agent token (CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE)"
+        return None
+
+    @property
+    def sink_name(self) -> str:
+        return f"{self.task_id}.json" if self.task_id else "local.json"
+
+
+# Settings that a running daemon cannot change without a restart (sockets, sessions).
+RESTART_REQUIRED = frozenset(
+    {"agentapi_url", "coder_url", "task_id", "socket", "metrics_addr", "log_format", "sink_dir"}
+)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Settings plus where each value came from: flag, env, file or default."""
+
+    settings: Settings
+    origins: dict[str, str]
+    config_file: Path | None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path}: not found (set with --config or {CONFIG_ENV})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    if "coder_token" in data:
+        raise ConfigError(
+            f"config file {path}: coder_token is not accepted in a file; "
+            "use CODER_AGENT_TOKEN or coder_token_file"
+        )
+    return data
+
+
+def _describe(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    if error["type"] == "extra_forbidden":
+        valid = ", ".join(sorted(Settings.model_fields))
+        return f"unknown setting {field!r} ({origins.get(field, 'file')}); valid settings: {valid}"
+    info = Settings.model_fields.get(field)
+    form = info.description if info and info.description else ""
+    where = origins.get(field, "default")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if field == "task_id":
+        message = "must be a UUID, like 0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
+    return f"invalid {field} (from {where}): {message}; expected: {form}"
+
+
+def load(flags: Mapping[str, Any] | None = None, *, config_file: Path | None = None) -> Loaded:
+    """Build the settings from flags, os.environ and the file; raise ConfigError on any problem."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    file_values = _read_file(config_file) if config_file else {}
+
+    origins: dict[str, str] = {}
+    for name in [*Settings.model_fields, *file_values]:
+        if name in flags:
+            origins[name] = f"flag {flag_name(name)}"
+        elif found := next((e for e in env_names(name) if os.environ.get(e)), None):
+            origins[name] = f"env {found}"
+        elif name in file_values:
+            origins[name] = f"file {config_file}"
+        else:
+            origins[name] = "default"
+
+    token = _file_values.set(file_values)
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(err, origins) for err in exc.errors())) from None
+    finally:
+        _file_values.reset(token)
+    return Loaded(settings=settings, origins=origins, config_file=config_file)

@@ -1,0 +1,79 @@
+"""Prometheus metrics on a private registry, so embedding serve() twice never collides."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from agent_sidecar import __version__
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The *_created series double the output and no dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build = Info("agent_sidecar_build", "Build information.", registry=r)
+        self.build.info({"version": __version__})
+        self.uploads = Counter(
+            "agent_sidecar_uploads", "Snapshot upload attempts by result.", ["result"],
+            registry=r,
+        )
+        self.upload_retries = Counter(
+            "agent_sidecar_upload_retries", "Upload attempts that were retries.", registry=r
+        )
+        self.upload_duration = Histogram(
+            "agent_sidecar_upload_duration_seconds", "Duration of one upload attempt.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+        )
+        self.last_success = Gauge(
+            "agent_sidecar_last_upload_success_timestamp_seconds",
+            "Unix time of the last snapshot coderd accepted.", registry=r,
+        )
+        self.snapshot_bytes = Gauge(
+            "agent_sidecar_snapshot_bytes", "Size of the last packed snapshot.", registry=r
+        )
+        self.snapshot_messages = Gauge(
+            "agent_sidecar_snapshot_messages", "Messages in the last packed snapshot.", registry=r
+        )
+        self.truncations = Counter(
+            "agent_sidecar_snapshot_truncations",
+            "Packed snapshots whose oldest message is a tail.", registry=r,
+        )
+        self.sse_reconnects = Counter(
+            "agent_sidecar_sse_reconnects", "Reconnects to agentapi's /events.", registry=r
+        )
+        self.sse_bad_events = Counter(
+            "agent_sidecar_sse_bad_events", "agentapi events dropped as invalid or oversized.",
+            ["reason"], registry=r,
+        )
+        self.sse_connected = Gauge(
+            "agent_sidecar_sse_connected", "1 while following agentapi.", registry=r
+        )
+        self.relay_requests = Counter(
+            "agent_sidecar_relay_requests", "Relay socket requests by path and status code.",
+            ["path", "code"], registry=r,
+        )
+        self.sink_errors = Counter(
+            "agent_sidecar_sink_errors", "Failed writes to the sink directory.", registry=r
+        )
+
+    def on_follow_event(self, kind: str) -> None:
+        if kind == "reconnect":
+            self.sse_reconnects.inc()
+        else:
+            self.sse_bad_events.labels(reason=kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

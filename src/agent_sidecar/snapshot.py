@@ -1,0 +1,100 @@
+"""pack(): the conversation as the exact body coderd's log-snapshot endpoint accepts.
+
+Pure: no I/O, no clock. It walks back from the newest message and stops at the first that
+does not fit, so its cost follows the size of the snapshot, not the length of the history.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent_sidecar.conversation import SENT_ROLES, Message
+
+_HEAD = b'{"messages":['
+_FOOT = b"]}"
+# Below this many bytes of room, a tail is more noise than history.
+MIN_TAIL_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    body: bytes
+    messages: int  # messages in the body, the truncated one included
+    truncated: bool  # the oldest message in the body is a tail
+    has_user: bool  # coderd would show something the user said
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+def marker(cut_chars: int) -> str:
+    return f"[agent-sidecar: {cut_chars} earlier characters of this message cut to fit]\n"
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (from "\ud800" in agentapi's JSON) are not UTF-8; Go would
+        # reject the body. Replace them rather than lose the message.
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _encode(message: Message, content: str) -> bytes:
+    item = {"id": message.id, "content": content, "role": message.role,
+            "time": _clean(message.time)}
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _tail(message: Message, room: int) -> bytes | None:
+    """The item with the longest tail of content that fits in `room` bytes, or None."""
+    content = _clean(message.content)
+    base = len(_encode(message, marker(message.total_chars)))
+    if room - base < MIN_TAIL_BYTES:
+        return None
+    # The encoded size grows with the tail's length, so search it. Slicing a str cuts
+    # between code points, never inside one.
+    lo, hi = 0, len(content)
+    best: bytes | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        kept = content[len(content) - mid:] if mid else ""
+        cut = message.cut_chars + len(content) - mid
+        item = _encode(message, marker(cut) + kept)
+        if len(item) <= room:
+            best, lo = item, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def pack(messages: Sequence[Message], max_bytes: int) -> Packed:
+    """Newest messages whole, then the tail of the first that does not fit, oldest first."""
+    room = max_bytes - len(_HEAD) - len(_FOOT)
+    items: list[bytes] = []
+    truncated = False
+    has_user = False
+    for message in reversed(messages):
+        if message.role not in SENT_ROLES:
+            continue
+        separator = 1 if items else 0
+        item = _encode(message, _clean(message.content)) if not message.cut_chars else None
+        if item is not None and len(item) + separator <= room:
+            items.append(item)
+            room -= len(item) + separator
+            has_user = has_user or message.role == "user"
+            continue
+        tail = _tail(message, room - separator)
+        if tail is not None:
+            items.append(tail)
+            truncated = True
+            has_user = has_user or message.role == "user"
+        break
+    items.reverse()
+    body = _HEAD + b",".join(items) + _FOOT
+    return Packed(body=body, messages=len(items), truncated=truncated, has_user=has_user)

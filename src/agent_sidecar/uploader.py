@@ -1,0 +1,253 @@
+"""When to upload, how to retry, and the final flush.
+
+There is no queue. The conversation is the pending slot: every attempt packs the newest
+state, so memory stays flat however long coderd is down and a retry never carries an old
+snapshot. One attempt is in flight at most, because run() awaits each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agent_sidecar import logs
+from agent_sidecar.coder import CoderClient, Outcome, Result
+from agent_sidecar.conversation import Conversation
+from agent_sidecar.metrics import Metrics
+from agent_sidecar.sink import Sink
+from agent_sidecar.snapshot import Packed, pack
+
+log = logs.get("uploader")
+
+MIN_CAP_BYTES = 1024
+PERSISTENT_FAILURES = 3  # consecutive failed attempts before /healthz says so
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_snapshot_bytes: int = 65536
+    settle_s: float = 0.5
+    max_staleness_s: float = 10.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    rejected_backoff_s: float = 300.0
+
+
+class Uploader:
+    def __init__(
+        self,
+        conversation: Conversation,
+        policy: Policy,
+        client: CoderClient | None,
+        sink: Sink | None,
+        metrics: Metrics | None = None,
+        *,
+        disabled_reason: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        on_packed: Callable[[Packed, str], None] | None = None,
+    ) -> None:
+        self.conversation = conversation
+        self.policy = policy
+        self.client = client
+        self.sink = sink
+        self.metrics = metrics or Metrics()
+        self.disabled_reason = disabled_reason
+        self.cap = policy.max_snapshot_bytes
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._on_packed = on_packed or (lambda _p, _how: None)
+        self._synced_version = -1
+        self._dirty_since: float | None = None
+        self._rejected: bytes | None = None
+        self.last_accepted: bytes | None = None
+        # For /status and /healthz.
+        self.state = "idle"
+        self.last_outcome: str | None = None
+        self.last_success_unix: float | None = None
+        self.consecutive_failures = 0
+        self.attempts = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    @property
+    def failing(self) -> str | None:
+        """Why uploads are failing persistently, or None."""
+        if self.state in ("token_rejected", "task_not_found", "not_supported"):
+            return f"uploads: {self.state} ({self.last_outcome})"
+        if self.consecutive_failures >= PERSISTENT_FAILURES:
+            return f"uploads: {self.consecutive_failures} failures in a row ({self.last_outcome})"
+        return None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Upload as the policy says until cancelled."""
+        conv = self.conversation
+        while True:
+            seen = conv.version
+            if seen == self._synced_version:
+                await conv.wait_changed(seen)
+                continue
+            if self._dirty_since is None:
+                self._dirty_since = conv.changed_at
+            delay = self._due() - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(conv.wait_changed(seen), delay)
+                continue
+            await self._sync(final=False)
+
+    def _due(self) -> float:
+        assert self._dirty_since is not None
+        stale = self._dirty_since + self.policy.max_staleness_s
+        if self.conversation.status == "running":
+            return stale
+        return min(self.conversation.changed_at + self.policy.settle_s, stale)
+
+    async def flush(self) -> bool:
+        """The final upload from memory, retried until the caller's deadline.
+
+        True if coderd holds the newest state (or there is nothing it should hold). A
+        rejected token or task ends it at once: no retry can change those in time.
+        """
+        if self._synced_version == self.conversation.version and self.state in ("ok", "idle"):
+            return True
+        log.info("final_flush", messages=self.conversation.count)
+        return await self._sync(final=True)
+
+    # -- one sync: pack, deliver, retry until done -------------------------------------
+
+    async def _sync(self, final: bool) -> bool:
+        retries = 0
+        while True:
+            version = self.conversation.version
+            started = self._clock()
+            packed = pack(self.conversation.messages(), self.cap)
+            if not packed.has_user or packed.body in (self.last_accepted, self._rejected):
+                # Nothing coderd should get: an empty or fresh agent would wipe the history
+                # users see while the task resumes, and a repeat would only cost a request.
+                self._mark_synced(version, started)
+                return True
+            self.metrics.snapshot_bytes.set(packed.size)
+            self.metrics.snapshot_messages.set(packed.messages)
+            if packed.truncated:
+                self.metrics.truncations.inc()
+            if retries:
+                self.metrics.upload_retries.inc()
+            outcome = await self._deliver(packed)
+            self._record(outcome)
+            result = outcome.result
+            if result is Result.ACCEPTED:
+                self.last_accepted = packed.body
+                self._on_packed(packed, "uploaded" if self.client else "written")
+                self._mark_synced(version, started)
+                if self.client and self.sink and not await self.sink.write(packed.body):
+                    self.metrics.sink_errors.inc()
+                    log.warning("sink_write_failed", error=self.sink.error)
+                return True
+            if result is Result.PAYLOAD_REJECTED:
+                if outcome.too_large and self.cap > MIN_CAP_BYTES:
+                    self.cap = max(MIN_CAP_BYTES, min(self.cap, packed.size) * 7 // 8)
+                    log.warning("snapshot_too_large", new_cap_bytes=self.cap,
+                                detail=outcome.detail)
+                    continue
+                self._rejected = packed.body
+                self._mark_synced(version, started)
+                return False
+            if result is Result.RETRY:
+                delay = self._backoff(retries, outcome.retry_after_s)
+                retries += 1
+                await self._pause(delay, None)
+                continue
+            # Token or task rejected: nothing will change soon; wait long, or for a new token.
+            if final:
+                return False
+            if result is Result.TOKEN_REJECTED and self.client:
+                self.client.tokens.reload()
+            wake = None
+            if result is Result.TOKEN_REJECTED and self.client:
+                wake = self.client.tokens.changed
+            await self._pause(self.policy.rejected_backoff_s, wake)
+
+    async def _deliver(self, packed: Packed) -> Outcome:
+        self.attempts += 1
+        if self.client is None:
+            assert self.sink is not None
+            if await self.sink.write(packed.body):
+                return Outcome(Result.ACCEPTED)
+            self.metrics.sink_errors.inc()
+            return Outcome(Result.RETRY, message=f"sink write failed: {self.sink.error}")
+        started = time.perf_counter()
+        outcome = await self.client.upload(packed.body)
+        self.metrics.upload_duration.observe(time.perf_counter() - started)
+        return outcome
+
+    def _backoff(self, retries: int, retry_after_s: float | None) -> float:
+        cap = self.policy.retry_max_s
+        delay = self._rng.uniform(0, min(cap, self.policy.retry_initial_s * 2**retries))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, cap))
+        return delay
+
+    async def _pause(self, delay: float, wake: asyncio.Event | None) -> None:
+        if wake is None:
+            await self._sleep(delay)
+            return
+        wake.clear()
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
+
+    def _mark_synced(self, version: int, started: float) -> None:
+        self._synced_version = version
+        # Changes that landed during the attempt are not in it: they count from its start.
+        self._dirty_since = started if self.conversation.version != version else None
+
+    def _record(self, outcome: Outcome) -> None:
+        self.metrics.uploads.labels(result=outcome.result.value).inc()
+        if outcome.result is Result.ACCEPTED:
+            self.last_outcome = "accepted"
+            self.consecutive_failures = 0
+            self.last_success_unix = time.time()
+            self.metrics.last_success.set(self.last_success_unix)
+            if self.state not in ("ok", "idle"):
+                log.info("upload_recovered", after=self.state)
+            self.state = "ok"
+            return
+        self.last_outcome = outcome.describe()
+        self.consecutive_failures += 1
+        state = {
+            Result.RETRY: "retrying",
+            Result.PAYLOAD_REJECTED: "payload_rejected",
+            Result.TOKEN_REJECTED: "token_rejected",
+            Result.TASK_NOT_FOUND: "task_not_found",
+            Result.NOT_SUPPORTED: "not_supported",
+        }[outcome.result]
+        if state != self.state:
+            # Once per change of state, not per attempt: a dead coderd must not fill the disk.
+            log.warning("upload_" + state, status=outcome.status, message=outcome.message,
+                        detail=outcome.detail, hint=_HINTS.get(outcome.result, ""))
+        self.state = state
+
+
+_HINTS = {
+    Result.TOKEN_REJECTED: "the agent token is not valid for this workspace build; "
+    "it is re-read from CODER_AGENT_TOKEN_FILE when set",
+    Result.TASK_NOT_FOUND: "the task id is not a task of this workspace "
+    "(check AGENT_SIDECAR_TASK_ID against data.coder_task.me.id)",
+    Result.NOT_SUPPORTED: "this Coder release has no log-snapshot endpoint; upgrade coderd",
+    Result.PAYLOAD_REJECTED: "coderd refused this snapshot; the next change is tried afresh",
+}

@@ -1,0 +1,60 @@
+"""Shared fixtures: protocol stand-ins on loopback, short socket paths, captured logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from agent_sidecar import logs
+from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[FakeAgentAPI]:
+    async with FakeAgentAPI(chunk_delay_s=0.01, stable_after_s=0.05) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def coderd() -> AsyncIterator[FakeCoderd]:
+    async with FakeCoderd() as fake:
+        yield fake
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: Unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Every log line the code under test writes, as JSON lines."""
+    stream = io.StringIO()
+    logs.configure("debug", "json", stream=stream)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 10.0,
+                changed: Callable[[], asyncio.Event] | None = None) -> None:
+    """Wait until `predicate()` holds, waking on `changed()` or on every loop turn."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            if changed is not None:
+                await changed().wait()
+            else:
+                await asyncio.sleep(0)

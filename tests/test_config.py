@@ -1,0 +1,198 @@
+"""Settings: precedence, Coder's variable names, and errors that name the valid form."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent_sidecar import config
+from agent_sidecar.config import ConfigError
+
+TASK = "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("AGENT_SIDECAR_", "CODER_")):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    """With nothing set, the documented defaults apply and uploads are off with a reason."""
+    loaded = config.load()
+    s = loaded.settings
+    assert s.agentapi_url == "http://localhost:3284"
+    assert s.max_snapshot_bytes == 65536
+    assert (s.settle_s, s.max_staleness_s, s.shutdown_timeout_s) == (0.5, 10, 8)
+    assert (s.upload_timeout_s, s.retry_max_s, s.send_wait_s) == (10, 60, 30)
+    assert s.uploads_disabled_reason == "no Coder URL and no task id configured"
+    assert set(loaded.origins.values()) == {"default"}
+
+
+def test_socket_default_follows_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket lives in $XDG_RUNTIME_DIR when set, else in /tmp with our uid in its name."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
+    assert config.load().settings.socket == Path("/run/user/1234/agent-sidecar.sock")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    import os
+
+    assert config.load().settings.socket == Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")
+
+
+def test_precedence_flag_env_file_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A flag beats the environment, which beats the file, which beats the default."""
+    path = tmp_path / "c.toml"
+    path.write_text("settle_s = 3\nmax_staleness_s = 4\nretry_max_s = 5\n")
+    monkeypatch.setenv("AGENT_SIDECAR_SETTLE_S", "2")
+    monkeypatch.setenv("AGENT_SIDECAR_MAX_STALENESS_S", "6")
+    loaded = config.load({"settle_s": "1"}, config_file=path)
+    s = loaded.settings
+    assert (s.settle_s, s.max_staleness_s, s.retry_max_s, s.upload_timeout_s) == (1, 6, 5, 10)
+    assert loaded.origins["settle_s"] == "flag --settle-s"
+    assert loaded.origins["max_staleness_s"] == "env AGENT_SIDECAR_MAX_STALENESS_S"
+    assert loaded.origins["retry_max_s"] == f"file {path}"
+    assert loaded.origins["upload_timeout_s"] == "default"
+
+
+def test_config_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """AGENT_SIDECAR_CONFIG names the file when --config is not given."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'task_id = "{TASK}"\n')
+    monkeypatch.setenv("AGENT_SIDECAR_CONFIG", str(path))
+    assert config.load().settings.task_id == uuid.UUID(TASK)
+
+
+def test_coder_variable_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CODER_AGENT_URL, CODER_AGENT_TOKEN and CODER_AGENT_TOKEN_FILE feed the settings."""
+    monkeypatch.setenv("CODER_AGENT_URL", "https://coder.example.com/")
+    monkeypatch.setenv("CODER_AGENT_TOKEN", "secret-token-value")
+    monkeypatch.setenv("CODER_AGENT_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("AGENT_SIDECAR_TASK_ID", TASK)
+    s = config.load().settings
+    assert s.coder_url == "https://coder.example.com/"
+    assert s.coder_token is not None
+    assert s.coder_token.get_secret_value() == "secret-token-value"
+    assert "secret-token-value" not in repr(s)
+    assert s.coder_token_file == tmp_path / "token"
+    assert s.uploads_disabled_reason is None
+
+
+def test_bare_field_names_are_not_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only prefixed variables count: an unrelated TASK_ID in the workspace is ignored."""
+    monkeypatch.setenv("TASK_ID", "not-ours")
+    monkeypatch.setenv("SETTLE_S", "9")
+    s = config.load().settings
+    assert s.task_id is None
+    assert s.settle_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"task_id": "abc"}, "invalid task_id (from flag --task-id): must be a UUID"),
+        ({"agentapi_url": "localhost:3284"}, "agentapi_url (from flag --agentapi-url): must be"
+         " an http(s) URL with a host"),
+        ({"coder_url": "coder.example.com"}, "invalid coder_url"),
+        ({"max_snapshot_bytes": "100"}, "max_snapshot_bytes (from flag --max-snapshot-bytes):"
+         " Input should be greater than or equal to 1024"),
+        ({"log_format": "xml"}, "invalid log_format"),
+        ({"metrics_addr": "9464"}, "must be HOST:PORT"),
+    ],
+)
+def test_bad_values_name_the_setting_and_the_valid_form(flags: dict[str, str], needle: str) -> None:
+    """Each bad value gives one line naming the setting, where it came from, and the form."""
+    with pytest.raises(ConfigError) as err:
+        config.load(flags)
+    assert needle in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    """An unknown key in the file is an error that lists the valid keys."""
+    path = tmp_path / "c.toml"
+    path.write_text("settle_seconds = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'settle_seconds'.*valid settings: "):
+        config.load(config_file=path)
+
+
+def test_token_is_refused_in_a_file(tmp_path: Path) -> None:
+    """The token cannot be put in the config file, which is often world-readable."""
+    path = tmp_path / "c.toml"
+    path.write_text('coder_token = "x"\n')
+    with pytest.raises(ConfigError, match="coder_token is not accepted in a file"):
+        config.load(config_file=path)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    """A missing or malformed file is a clear error, not a traceback."""
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(config_file=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("settle_s = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(config_file=bad)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent_sidecar", *args], capture_output=True, text=True,
+        env=env, timeout=60, check=False,
+    )
+
+
+def test_cli_exits_2_with_one_line_on_bad_config(tmp_path: Path) -> None:
+    """`run` with a bad task id stops before doing anything: exit 2, one clear line."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_SIDECAR_", "CODER_"))}
+    env["AGENT_SIDECAR_SOCKET"] = str(tmp_path / "s.sock")
+    proc = run_cli("run", "--task-id", "nope", env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "agent-sidecar: invalid task_id (from flag --task-id): must be a UUID, like "
+        "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70; expected: Coder task id (a UUID); unset means "
+        "no uploads"
+    ]
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_config_command_masks_the_token_and_shows_sources() -> None:
+    """`agent-sidecar config` shows every setting's source and never the token."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_SIDECAR_", "CODER_"))}
+    env["CODER_AGENT_TOKEN"] = "4b1c1d7e-0000-4000-8000-00000000beef"
+    proc = run_cli("config", "--settle-s", "2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "4b1c1d7e" not in proc.stdout + proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert "**********" in lines["coder_token"]
+    assert lines["coder_token"].endswith("env CODER_AGENT_TOKEN")
+    assert lines["settle_s"].endswith("flag --settle-s")
+    assert lines["retry_max_s"].endswith("default")
+
+
+def test_config_command_exits_2_when_invalid() -> None:
+    """`agent-sidecar config` exits 2 on an invalid configuration, usable as ExecStartPre=."""
+    proc = run_cli("config", "--settle-s", "-1")
+    assert proc.returncode == 2
+    assert "invalid settle_s" in proc.stderr
+
+
+def test_help_lists_every_setting_but_the_token() -> None:
+    """`run --help` documents each setting with its environment variable, and has no token flag."""
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0
+    for name in config.Settings.model_fields:
+        if name != "coder_token":
+            assert config.flag_name(name) in proc.stdout
+    assert "--coder-token " not in proc.stdout
+    assert "AGENT_SIDECAR_SETTLE_S" in proc.stdout
+    assert "CODER_AGENT_URL" in proc.stdout
