@@ -8,9 +8,13 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
+import aiohttp
 import pytest
 import structlog
+from aiohttp.abc import AbstractStreamWriter
+from yarl import URL
 
 from agent_sidecar import logs
 from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
@@ -58,3 +62,16 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 10.0,
                 await changed().wait()
             else:
                 await asyncio.sleep(0)
+
+
+class CompatResponse(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required `stream_writer` argument
+    (pnuckowski/aioresponses#289); supply the one attribute aiohttp reads from it."""
+
+    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", cast(AbstractStreamWriter, _SentWriter()))
+        super().__init__(method, url, **kwargs)
+
+
+class _SentWriter:
+    output_size = 0

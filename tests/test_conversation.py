@@ -128,3 +128,4 @@ def test_pruned_model_packs_exactly_like_the_full_history(
         conv.upsert(make_message(id_, role, text, T, cap))
         assert pack(conv.messages(), cap).body == pack(list(full.values()), cap).body
     assert conv.count == len(full)
+    assert conv.has_user == any(x.role == "user" for x in full.values())

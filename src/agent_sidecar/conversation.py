@@ -63,6 +63,7 @@ class Conversation:
         self._fixed_chars = 0  # characters of sent-role messages, all but the last
         self._floor = 0  # ids below this were pruned
         self.count = 0  # messages agentapi has, pruned ones included
+        self.has_user = False  # any user message, pruned ones included
         self.status: Status | None = None
         self.connected = False  # the follower has agentapi's current state
         self.version = 0
@@ -107,6 +108,7 @@ class Conversation:
             if old is None:
                 self._messages = dict(sorted(self._messages.items()))
         self.count = max(self.count, message.id + 1)
+        self.has_user = self.has_user or message.role == "user"
         self._prune()
         self._bump()
 
@@ -135,6 +137,7 @@ class Conversation:
         self._fixed_chars = fresh._fixed_chars
         self._floor = fresh._floor
         self.count = fresh.count
+        self.has_user = fresh.has_user
         if status is not None:
             self.set_status(status)
         if changed:

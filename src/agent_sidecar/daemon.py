@@ -205,7 +205,10 @@ class Daemon:
         self.relay.close()  # 1. no new sends
         follower.cancel("shutdown: stop following")  # 2. the model is final now
         uploader.cancel("shutdown: final flush takes over")
-        await asyncio.wait([follower, uploader])
+        loop = asyncio.get_running_loop()
+        _, stuck = await asyncio.wait([follower, uploader], timeout=deadline - loop.time())
+        if stuck:
+            log.error("shutdown_component_stuck", count=len(stuck))
         flushed = False
         try:  # 3. the final upload, from memory, whatever agentapi's state
             async with asyncio.timeout_at(deadline):

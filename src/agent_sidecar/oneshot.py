@@ -56,7 +56,7 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
         client = CoderClient(session, settings.coder_url, settings.task_id, tokens,
                              settings.upload_timeout_s)
         uploader = Uploader(conversation, policy_of(settings), client, sink=None)
-        if not packed.has_user:
+        if not conversation.has_user:
             print("agent-sidecar: nothing uploaded: the conversation has no user message, "
                   "and uploading it would replace the stored history", file=sys.stderr)
             return 0

@@ -158,7 +158,8 @@ class Relay:
         self.close()
         try:
             if self._runner is not None:
-                await asyncio.wait_for(self._runner.cleanup(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._runner.cleanup()
         except TimeoutError:
             log.warning("relay_stop_timed_out", timeout_s=timeout_s)
         finally:
@@ -262,7 +263,8 @@ class Relay:
                 budget.reschedule(deadline)
                 version = conv.version
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_change(version), NOT_STABLE_GRACE_S)
+                    async with asyncio.timeout(NOT_STABLE_GRACE_S):
+                        await self._wait_change(version)
 
     async def _wait_change(self, version: int) -> None:
         """Until the conversation changes or the relay closes."""

@@ -23,7 +23,6 @@ class Packed:
     body: bytes
     messages: int  # messages in the body, the truncated one included
     truncated: bool  # the oldest message in the body is a tail
-    has_user: bool  # coderd would show something the user said
 
     @property
     def size(self) -> int:
@@ -78,7 +77,6 @@ def pack(messages: Sequence[Message], max_bytes: int) -> Packed:
     room = max_bytes - len(_HEAD) - len(_FOOT)
     items: list[bytes] = []
     truncated = False
-    has_user = False
     for message in reversed(messages):
         if message.role not in SENT_ROLES:
             continue
@@ -87,14 +85,12 @@ def pack(messages: Sequence[Message], max_bytes: int) -> Packed:
         if item is not None and len(item) + separator <= room:
             items.append(item)
             room -= len(item) + separator
-            has_user = has_user or message.role == "user"
             continue
         tail = _tail(message, room - separator)
         if tail is not None:
             items.append(tail)
             truncated = True
-            has_user = has_user or message.role == "user"
         break
     items.reverse()
     body = _HEAD + b",".join(items) + _FOOT
-    return Packed(body=body, messages=len(items), truncated=truncated, has_user=has_user)
+    return Packed(body=body, messages=len(items), truncated=truncated)

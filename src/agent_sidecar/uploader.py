@@ -73,6 +73,20 @@ class Uploader:
         self.last_success_unix: float | None = None
         self.consecutive_failures = 0
         self.attempts = 0
+        self._progress = asyncio.Event()
+
+    @property
+    def synced_version(self) -> int:
+        """The conversation version the last finished sync covered."""
+        return self._synced_version
+
+    async def progressed(self) -> None:
+        """Until the next recorded outcome or finished sync (for status watchers and tests)."""
+        await self._progress.wait()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     @property
     def enabled(self) -> bool:
@@ -101,8 +115,11 @@ class Uploader:
                 self._dirty_since = conv.changed_at
             delay = self._due() - self._clock()
             if delay > 0:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # races with the wait finishing, and this loop would outlive shutdown.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(conv.wait_changed(seen), delay)
+                    async with asyncio.timeout(delay):
+                        await conv.wait_changed(seen)
                 continue
             await self._sync(final=False)
 
@@ -132,9 +149,11 @@ class Uploader:
             version = self.conversation.version
             started = self._clock()
             packed = pack(self.conversation.messages(), self.cap)
-            if not packed.has_user or packed.body in (self.last_accepted, self._rejected):
-                # Nothing coderd should get: an empty or fresh agent would wipe the history
-                # users see while the task resumes, and a repeat would only cost a request.
+            if not self.conversation.has_user or packed.body in (self.last_accepted,
+                                                                  self._rejected):
+                # Nothing coderd should get: a fresh or restarted agent (no user message)
+                # would wipe the history users see while the task resumes, and a repeat
+                # would only cost a request.
                 self._mark_synced(version, started)
                 return True
             self.metrics.snapshot_bytes.set(packed.size)
@@ -171,11 +190,13 @@ class Uploader:
             # Token or task rejected: nothing will change soon; wait long, or for a new token.
             if final:
                 return False
-            if result is Result.TOKEN_REJECTED and self.client:
-                self.client.tokens.reload()
             wake = None
             if result is Result.TOKEN_REJECTED and self.client:
-                wake = self.client.tokens.changed
+                tokens = self.client.tokens
+                tokens.changed.clear()
+                if tokens.reload():
+                    continue  # the file already holds a new token: try it now
+                wake = tokens.changed  # a rewrite noticed by the watcher ends the wait
             await self._pause(self.policy.rejected_backoff_s, wake)
 
     async def _deliver(self, packed: Packed) -> Outcome:
@@ -202,7 +223,6 @@ class Uploader:
         if wake is None:
             await self._sleep(delay)
             return
-        wake.clear()
         sleeper = asyncio.ensure_future(self._sleep(delay))
         waiter = asyncio.ensure_future(wake.wait())
         try:
@@ -215,8 +235,10 @@ class Uploader:
         self._synced_version = version
         # Changes that landed during the attempt are not in it: they count from its start.
         self._dirty_since = started if self.conversation.version != version else None
+        self._notify()
 
     def _record(self, outcome: Outcome) -> None:
+        self._notify()
         self.metrics.uploads.labels(result=outcome.result.value).inc()
         if outcome.result is Result.ACCEPTED:
             self.last_outcome = "accepted"

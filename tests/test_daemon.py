@@ -1,0 +1,225 @@
+"""serve(): the whole pipeline in-process on real sockets, and the real process's signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import SecretStr
+
+from agent_sidecar.config import Settings
+from agent_sidecar.conversation import make_message
+from agent_sidecar.daemon import Controls, serve
+from agent_sidecar.snapshot import pack
+from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
+
+from .sidecar import Sidecar, clean_env
+
+
+def settings_for(agent: FakeAgentAPI, coderd: FakeCoderd | None, short_dir: Path,
+                 **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "agentapi_url": agent.url, "coder_url": None, "coder_token": None,
+        "coder_token_file": None, "task_id": None, "sink_dir": None,
+        "socket": short_dir / "relay.sock", "reconnect_initial_s": 0.05,
+    }
+    if coderd is not None:
+        values.update(coder_url=coderd.url, coder_token=SecretStr(coderd.token),
+                      task_id=coderd.add_task())
+    values.update(overrides)
+    return Settings(**values)
+
+
+def expected(agent: FakeAgentAPI) -> bytes:
+    return pack([make_message(m.id, m.role, m.content, m.time, 65536) for m in agent.messages],
+                65536).body
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[Controls, asyncio.Task[int]]]:
+    controls = Controls()
+    task = asyncio.create_task(serve(settings, controls))
+    try:
+        async with asyncio.timeout(10):
+            ready = asyncio.create_task(controls.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()
+        yield controls, task
+    finally:
+        controls.shutdown.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_scripted_turn_is_stored_soon_after_stable_with_few_uploads(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """A user turn and a 200-update, 5 s streamed reply: the final state is stored within
+    settle_s + 1 s of stable, using at most ceil(5 / max_staleness_s) + 2 uploads."""
+    settings = settings_for(agent, coderd, short_dir)
+    [task] = coderd.tasks
+    async with serving(settings):
+        agent.set_status("running")
+        agent.add_message("user", "Refactor the parser, please.")
+        reply = agent.add_message("agent", "")
+        for i in range(200):
+            agent.update_message(reply.id, f"Working on it: step {i}\n" * (i // 10 + 1))
+            await asyncio.sleep(0.025)  # the agent's typing pace over 5 s
+        agent.set_status("stable")
+        stable_at = time.monotonic()
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent), 5)
+        stored_at = coderd.uploads[-1].at
+    assert stored_at - stable_at <= settings.settle_s + 1
+    assert len(coderd.uploads) <= math.ceil(5 / settings.max_staleness_s) + 2
+    assert all(u.status == 204 for u in coderd.uploads)
+
+
+async def test_final_flush_uploads_from_memory_after_agentapi_died(
+    coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """At shutdown the last state is uploaded even though agentapi is already gone."""
+    agent = await FakeAgentAPI().start()
+    settings = settings_for(agent, coderd, short_dir, settle_s=60, max_staleness_s=600)
+    [task] = coderd.tasks
+    async with serving(settings) as (controls, served):
+        agent.add_message("user", "last words before the workspace stops")
+        final = expected(agent)
+        await agent.stop()
+        controls.shutdown.set()
+        assert await served == 0
+    assert coderd.snapshots.get(task) == final
+
+
+async def test_shutdown_holds_its_deadline_when_coderd_hangs(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """With coderd hanging, serve() still returns by shutdown_timeout_s (+1 s)."""
+    entered = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse | None:
+        entered.set()
+        await asyncio.Event().wait()
+        return None
+
+    coderd.hook = hang
+    settings = settings_for(agent, coderd, short_dir, settle_s=0, shutdown_timeout_s=1.0)
+    async with serving(settings) as (controls, served):
+        agent.add_message("user", "hello")
+        async with asyncio.timeout(5):
+            await entered.wait()
+        started = time.monotonic()
+        controls.shutdown.set()
+        async with asyncio.timeout(settings.shutdown_timeout_s + 1):
+            assert await served == 0
+    assert time.monotonic() - started <= settings.shutdown_timeout_s + 1
+
+
+async def test_sink_mirrors_what_coderd_accepted(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """With both Coder and a sink, the sink holds exactly the last accepted snapshot."""
+    sink = short_dir / "sink"
+    settings = settings_for(agent, coderd, short_dir, settle_s=0, sink_dir=sink)
+    [task] = coderd.tasks
+    async with serving(settings):
+        agent.add_message("user", "mirror me")
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+    assert (sink / f"{task}.json").read_bytes() == coderd.snapshots[task]
+
+
+async def test_uploads_off_is_said_once_with_the_reason(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """Without a Coder URL the real process says once that uploads are off, and why."""
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"))
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        await sidecar.wait_log("ready")
+        assert await sidecar.stop() == 0
+    [line] = sidecar.events("uploads_disabled")
+    assert line["reason"] == "no Coder URL and no task id configured"
+
+
+async def test_sigterm_during_a_coderd_hang_exits_0_by_the_deadline(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """The real process, SIGTERMed while coderd hangs, exits 0 within shutdown_timeout_s + 1 s."""
+    entered = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse | None:
+        entered.set()
+        await asyncio.Event().wait()
+        return None
+
+    coderd.hook = hang
+    task = coderd.add_task()
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), CODER_AGENT_URL=coderd.url,
+                    CODER_AGENT_TOKEN=coderd.token, AGENT_SIDECAR_TASK_ID=str(task),
+                    AGENT_SIDECAR_SETTLE_S="0", AGENT_SIDECAR_SHUTDOWN_TIMEOUT_S="2")
+    agent.add_message("user", "hello")
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        async with asyncio.timeout(10):
+            await entered.wait()
+        started = time.monotonic()
+        sidecar.signal(signal.SIGTERM)
+        assert await sidecar.wait(timeout_s=3) == 0
+    assert time.monotonic() - started <= 3
+    assert sidecar.events("final_flush_timed_out")
+    assert coderd.token not in "\n".join(sidecar.raw)
+
+
+async def test_a_second_sigint_exits_at_once(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """Ctrl+C twice does not wait for the final upload: the process exits 130 at once."""
+    async def hang(request: web.Request) -> web.StreamResponse | None:
+        await asyncio.Event().wait()
+        return None
+
+    coderd.hook = hang
+    task = coderd.add_task()
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), CODER_AGENT_URL=coderd.url,
+                    CODER_AGENT_TOKEN=coderd.token, AGENT_SIDECAR_TASK_ID=str(task),
+                    AGENT_SIDECAR_SETTLE_S="60", AGENT_SIDECAR_SHUTDOWN_TIMEOUT_S="30")
+    agent.add_message("user", "hello")
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        await sidecar.wait_log("ready")
+        sidecar.signal(signal.SIGINT)
+        await sidecar.wait_log("final_flush")
+        sidecar.signal(signal.SIGINT)
+        assert await sidecar.wait(timeout_s=5) == 130
+
+
+async def test_status_and_health_describe_the_pipeline(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """/status reports agentapi and uploads without the token; /healthz is ok when both work."""
+    import aiohttp
+
+    settings = settings_for(agent, coderd, short_dir, settle_s=0)
+    [task] = coderd.tasks
+    async with serving(settings):
+        agent.add_message("user", "hello")
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+        connector = aiohttp.UnixConnector(path=str(settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get("http://x/status") as resp:
+                raw = await resp.text()
+            async with http.get("http://x/healthz") as health:
+                assert health.status == 200
+                assert await health.json() == {"status": "ok"}
+    status = json.loads(raw)
+    assert coderd.token not in raw
+    assert status["agentapi"]["connected"] is True
+    assert status["agentapi"]["messages"] == 2
+    assert status["uploads"]["enabled"] is True
+    assert status["uploads"]["last_outcome"] == "accepted"
+    assert status["uploads"]["last_success_at"] is not None
+    assert status["relay"]["queue_length"] == 0
