@@ -120,7 +120,8 @@ class Relay:
         self._uid_of = uid_of
         self._allowed_uids = {0, os.getuid()}
         self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
-        self.waiting = 0
+        self.waiting = 0  # sends queued behind the one being served
+        self._activity = asyncio.Event()
         self.closing = False
         self._closed = asyncio.Event()
         self.path: Path | None = None
@@ -147,6 +148,19 @@ class Relay:
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         log.info("relay_listening", socket=str(path))
+
+    @property
+    def busy(self) -> bool:
+        """A send is being served (waiting for stable, or being forwarded)."""
+        return self._lock.locked()
+
+    async def activity(self) -> None:
+        """Until the queue changes: a send arrives, is served, or leaves."""
+        await self._activity.wait()
+
+    def _notify(self) -> None:
+        self._activity.set()
+        self._activity = asyncio.Event()
 
     def close(self) -> None:
         """Stop taking new sends; requests waiting for their turn are answered 503."""
@@ -214,16 +228,19 @@ class Relay:
             return parsed
         text, kind, wait_s = parsed
         self.waiting += 1
+        self._notify()
         try:
             async with asyncio.timeout(wait_s) as budget:
                 try:
                     await self._lock.acquire()
                 finally:
                     self.waiting -= 1
+                    self._notify()
                 try:
                     await self._deliver(text, kind, budget)
                 finally:
                     self._lock.release()
+                    self._notify()
         except TimeoutError:
             if not self.conversation.connected:
                 return error(503, "agentapi cannot be reached.",

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+Hook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 SUBSCRIBER_BUFFER = 1024  # agentapi's defaultSubscriptionBufSize
 MAX_BODY = 1 << 20
 
@@ -97,6 +98,8 @@ class FakeAgentAPI:
         self.status = "stable"
         self.received: list[tuple[str, str]] = []  # (type, content) of accepted POST /message
         self.errors: list[dict[str, Any]] = []
+        # Runs first on POST /message; a response it returns is sent as is.
+        self.message_hook: Hook | None = None
         self._subscribers: set[asyncio.Queue[bytes | None]] = set()
         self._lock = asyncio.Lock()  # agentapi's s.mu, held exclusively by a user POST
         self._turns: set[asyncio.Task[None]] = set()
@@ -234,7 +237,11 @@ class FakeAgentAPI:
         finally:
             self._subscribers.discard(queue)
 
-    async def _message(self, request: web.Request) -> web.Response:
+    async def _message(self, request: web.Request) -> web.StreamResponse:
+        if self.message_hook is not None:
+            scripted = await self.message_hook(request)
+            if scripted is not None:
+                return scripted
         raw = await request.read()
         if not raw:
             return problem(request, 400, "Bad Request", "request body is required")
@@ -323,7 +330,6 @@ class Upload:
     headers: dict[str, str]
 
 
-Hook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
 class FakeCoderd:

@@ -1,0 +1,423 @@
+"""The relay socket: POST /send semantics, status codes, security, draining, and the clients."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent_sidecar.agentapi import AgentAPI
+from agent_sidecar.conversation import Conversation
+from agent_sidecar.metrics import Metrics
+from agent_sidecar.relay import Relay, RelayError, bind_unix
+from agent_sidecar.testing import FakeAgentAPI, problem
+
+from .conftest import until
+from .sidecar import clean_env
+
+
+@dataclass
+class Env:
+    agent: FakeAgentAPI
+    conv: Conversation
+    relay: Relay
+    socket: Path
+    http: aiohttp.ClientSession
+
+    async def send(self, body: Any, *, raw: bytes | io.BytesIO | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        async with self.http.post("http://sidecar/send", headers=headers, **kwargs) as resp:
+            text = await resp.text()
+            return resp.status, json.loads(text) if text else None
+
+    async def get(self, path: str, method: str = "GET") -> tuple[int, Any]:
+        async with self.http.request(method, f"http://sidecar{path}") as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text) if text else None
+            except ValueError:
+                return resp.status, text
+
+    async def synced(self) -> None:
+        """Until the follower mirrors the stand-in's status."""
+        await until(lambda: self.conv.connected and self.conv.status == self.agent.status,
+                    changed=lambda: self.conv._changed)
+
+    def users(self) -> list[str]:
+        return [text for kind, text in self.agent.received if kind == "user"]
+
+
+@pytest.fixture
+async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
+    conv = Conversation()
+    async with aiohttp.ClientSession() as agent_http:
+        client = AgentAPI(agent_http, agent.url)
+        follower = asyncio.create_task(client.follow(conv, reconnect_initial_s=0.01,
+                                                     reconnect_max_s=0.05))
+        relay = Relay(client, conv, Metrics(), send_wait_s=5,
+                      health=lambda: [] if conv.connected else ["agentapi: not connected"])
+        path = short_dir / "run" / "relay.sock"
+        await relay.start(path)
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            environment = Env(agent, conv, relay, path, http)
+            await environment.synced()
+            try:
+                yield environment
+            finally:
+                await relay.stop()
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+
+
+async def test_user_input_waits_for_stable_then_is_delivered(env: Env) -> None:
+    """While the agent runs, a send waits; once stable it is delivered exactly once."""
+    env.agent.set_status("running")
+    await env.synced()
+    send = asyncio.create_task(env.send({"input": "  hello \n"}))
+    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    assert not send.done()
+    assert env.users() == []
+    env.agent.set_status("stable")
+    assert await send == (204, None)
+    assert env.users() == ["hello"]  # stripped, as agentapi requires
+
+
+async def test_raw_input_bypasses_the_wait_and_is_not_stripped(env: Env) -> None:
+    """raw keystrokes go through at once, even while the agent runs, byte for byte."""
+    env.agent.set_status("running")
+    await env.synced()
+    assert await env.send({"input": " \x1b", "type": "raw"}) == (204, None)
+    assert env.agent.received == [("raw", " \x1b")]
+
+
+async def test_concurrent_senders_are_delivered_in_arrival_order(env: Env) -> None:
+    """Requests are served one at a time, first come first served."""
+    env.agent.set_status("running")
+    await env.synced()
+    first = asyncio.create_task(env.send({"input": "first"}))
+    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    second = asyncio.create_task(env.send({"input": "second"}))
+    await until(lambda: env.relay.waiting == 1, changed=lambda: env.relay._activity)
+    env.agent.set_status("stable")
+    assert (await first)[0] == 204
+    # The simulated agent works on "first"; "second" waits for the next stable.
+    await env.agent.wait_idle()
+    assert (await second)[0] == 204
+    assert env.users() == ["first", "second"]
+
+
+async def test_a_sender_that_hangs_up_is_never_delivered(env: Env) -> None:
+    """An input whose client disconnected while waiting is dropped, not sent later."""
+    env.agent.set_status("running")
+    await env.synced()
+    gone = asyncio.create_task(env.send({"input": "too late"}))
+    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    gone.cancel()  # the client hangs up
+    await asyncio.gather(gone, return_exceptions=True)
+    await until(lambda: not env.relay.busy, changed=lambda: env.relay._activity)
+    env.agent.set_status("stable")
+    assert (await env.send({"input": "on time"}))[0] == 204
+    assert env.users() == ["on time"]
+
+
+async def test_agentapi_not_stable_race_is_waited_out(env: Env) -> None:
+    """If agentapi answers 'not stable' although our view said stable, the send waits again."""
+    refused = asyncio.Event()
+
+    async def observe(request: web.Request) -> web.StreamResponse | None:
+        if env.agent.status != "stable":
+            refused.set()  # this POST is about to get agentapi's 500
+        return None
+
+    env.agent.message_hook = observe
+    env.agent.status = "running"  # agentapi knows; the SSE event has not been sent yet
+    send = asyncio.create_task(env.send({"input": "racy"}))
+    async with asyncio.timeout(5):
+        await refused.wait()
+    assert not send.done()
+    env.agent.status = "stable"
+    env.agent.set_status("running")
+    env.agent.set_status("stable")
+    assert (await send)[0] == 204
+    assert env.users() == ["racy"]
+
+
+async def test_busy_past_wait_s_is_409(env: Env) -> None:
+    """An agent still busy when wait_s runs out gets 409 and nothing is sent."""
+    env.agent.set_status("running")
+    await env.synced()
+    status, body = await env.send({"input": "hello", "wait_s": 0.2})
+    assert status == 409
+    assert body["message"] == "The agent is still busy."
+    assert "0.2s" in body["detail"]
+    assert env.users() == []
+
+
+async def test_agentapi_rejection_is_502_with_its_detail(env: Env) -> None:
+    """When agentapi refuses the input the relay answers 502 and passes its detail on."""
+    async def reject(request: web.Request) -> web.StreamResponse | None:
+        return problem(request, 422, "Unprocessable Entity", "validation failed",
+                       [{"message": "expected string", "location": "body.content"}])
+
+    env.agent.message_hook = reject
+    status, body = await env.send({"input": "hello"})
+    assert status == 502
+    assert body == {"message": "agentapi rejected the input.",
+                    "detail": "validation failed: expected string"}
+
+
+async def test_agentapi_unreachable_is_503(env: Env) -> None:
+    """With agentapi gone the relay answers 503 rather than hanging."""
+    await env.agent.stop()
+    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    status, body = await env.send({"input": "hello", "wait_s": 0.3})
+    assert status == 503
+    assert body["message"] == "agentapi cannot be reached."
+
+
+@pytest.mark.parametrize(("body", "raw", "message"), [
+    (None, b"{not json", "The request body is not valid JSON."),
+    (None, b"[1]", "The request body must be a JSON object."),
+    ({"input": "x", "extra": 1}, None, "Unknown field 'extra'."),
+    ({}, None, "Field 'input' is required and must be a string."),
+    ({"input": 5}, None, "Field 'input' is required and must be a string."),
+    ({"input": " \n\t "}, None, "Field 'input' must not be empty."),
+    ({"input": ""}, None, "Field 'input' must not be empty."),
+    ({"input": "x", "type": "system"}, None, "Field 'type' must be \"user\" or \"raw\"."),
+    ({"input": "x", "wait_s": -1}, None, "Field 'wait_s' must be a number from 0 to 3600."),
+    ({"input": "x", "wait_s": 3601}, None, "Field 'wait_s' must be a number from 0 to 3600."),
+    ({"input": "x", "wait_s": True}, None, "Field 'wait_s' must be a number from 0 to 3600."),
+    ({"input": "x", "wait_s": "5"}, None, "Field 'wait_s' must be a number from 0 to 3600."),
+])
+async def test_bad_requests_are_400_in_coders_error_shape(
+    env: Env, body: Any, raw: bytes | None, message: str,
+) -> None:
+    """Each malformed request gets 400 with a message a person can act on."""
+    status, answer = await env.send(body, raw=raw)
+    assert status == 400
+    assert set(answer) == {"message", "detail"}
+    assert answer["message"] == message
+    assert env.agent.received == []
+
+
+async def test_a_body_over_one_mebibyte_is_413(env: Env) -> None:
+    """A body over 1 MiB is refused with 413 in the same error shape, and the relay serves on."""
+    status, body = await env.send(None, raw=io.BytesIO(b'{"input":"' + b"x" * (1 << 20) + b'"}'))
+    assert status == 413
+    assert body["message"] == "The request body is over 1048576 bytes."
+    assert (await env.send({"input": "small"}))[0] == 204
+
+
+async def test_unknown_paths_and_methods(env: Env) -> None:
+    """Unknown paths get 404 and wrong methods 405, both as JSON errors."""
+    status, body = await env.get("/nope")
+    assert status == 404
+    assert "POST /send" in body["message"]
+    status, body = await env.get("/send")
+    assert status == 405
+    assert body["message"] == "Method not allowed on this endpoint."
+
+
+async def test_requests_with_an_origin_are_refused(env: Env) -> None:
+    """A request carrying Origin (a web page) gets 403."""
+    status, body = await env.send({"input": "x"}, headers={"Origin": "http://evil.example"})
+    assert status == 403
+    assert body["message"] == "Requests from web pages are refused."
+    assert env.agent.received == []
+
+
+async def test_a_foreign_uid_is_refused(env: Env) -> None:
+    """A peer whose SO_PEERCRED uid is neither ours nor root gets 403."""
+    env.relay._uid_of = lambda request: 4242  # what the kernel would say for another user
+    status, body = await env.send({"input": "x"})
+    assert status == 403
+    assert body["detail"] == "peer uid 4242 is not allowed"
+
+
+async def test_peer_credentials_are_read_from_the_socket(env: Env) -> None:
+    """On a real Unix socket the peer uid is ours, so our own requests pass."""
+    status, body = await env.get("/status")
+    assert status == 200
+    assert body["relay"]["queue_length"] == 0
+
+
+def test_socket_and_directory_modes(short_dir: Path) -> None:
+    """The socket is 0600 and the directory the relay creates is 0700, whatever the umask."""
+    old = os.umask(0)
+    try:
+        sock = bind_unix(short_dir / "new" / "r.sock")
+    finally:
+        os.umask(old)
+    sock.close()
+    assert stat.S_IMODE((short_dir / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE((short_dir / "new" / "r.sock").stat().st_mode) == 0o600
+
+
+def test_a_stale_socket_is_replaced(short_dir: Path) -> None:
+    """A socket file nobody listens on is removed and bound afresh."""
+    path = short_dir / "r.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()
+    sock = bind_unix(path)
+    sock.close()
+    assert stat.S_ISSOCK(path.stat().st_mode)
+
+
+def test_a_live_socket_is_never_unlinked(short_dir: Path) -> None:
+    """A socket another process serves is left alone, with a clear error."""
+    path = short_dir / "r.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        with pytest.raises(RelayError, match="another process is serving"):
+            bind_unix(path)
+        assert path.exists()
+    finally:
+        live.close()
+
+
+def test_a_regular_file_is_never_replaced(short_dir: Path) -> None:
+    """A path that holds something other than a socket is refused."""
+    path = short_dir / "r.sock"
+    path.write_text("precious")
+    with pytest.raises(RelayError, match="not a socket"):
+        bind_unix(path)
+    assert path.read_text() == "precious"
+
+
+def test_live_socket_makes_run_exit_2(short_dir: Path) -> None:
+    """`agent-sidecar run` on a socket in use exits 2 with one clear line."""
+    path = short_dir / "r.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent_sidecar", "run", "--socket", str(path),
+             "--agentapi-url", "http://127.0.0.1:9"],
+            capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
+    finally:
+        live.close()
+    assert proc.returncode == 2
+    assert f"cannot start: another process is serving {path}" in proc.stderr
+
+
+async def test_shutdown_drains_waiting_senders_with_503(env: Env) -> None:
+    """At shutdown a waiting send is answered 503, new sends too, and the socket file goes."""
+    env.agent.set_status("running")
+    await env.synced()
+    waiting = asyncio.create_task(env.send({"input": "pending"}))
+    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    env.relay.close()
+    status, body = await waiting
+    assert status == 503
+    assert body["message"] == "The sidecar is shutting down."
+    assert (await env.send({"input": "new"}))[0] == 503
+    assert (await env.get("/healthz"))[0] == 503
+    await env.relay.stop()
+    assert not env.socket.exists()
+    assert env.users() == []
+
+
+async def test_healthz_reports_reasons(env: Env) -> None:
+    """/healthz is 200 ok while following, and 503 with reasons when agentapi is gone."""
+    assert await env.get("/healthz") == (200, {"status": "ok"})
+    await env.agent.stop()
+    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    assert await env.get("/healthz") == (503, {"status": "unhealthy",
+                                               "reasons": ["agentapi: not connected"]})
+
+
+async def test_metrics_endpoint_counts_relay_requests(env: Env) -> None:
+    """/metrics serves the Prometheus text format with per-code relay counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await env.send({"input": "x", "type": "bogus"})
+    status, text = await env.get("/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.labels["path"], s.labels["code"]): s.value
+               for s in families["agent_sidecar_relay_requests"].samples
+               if s.name.endswith("_total")}
+    assert samples[("/send", "400")] == 1
+
+
+# -- the CLI clients, against the real daemon ---------------------------------------------
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent_sidecar", *args], input=stdin,
+                          capture_output=True, text=True, env=clean_env(), timeout=60,
+                          check=False)
+
+
+async def test_cli_send_waits_then_delivers_exactly_once(env: Env) -> None:
+    """`agent-sidecar send hello` while the agent runs waits, then delivers one message."""
+    env.agent.set_status("running")
+    await env.synced()
+    proc = asyncio.create_task(asyncio.to_thread(cli, "send", "--socket", str(env.socket),
+                                                 "hello"))
+    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    env.agent.set_status("stable")
+    done = await proc
+    assert done.returncode == 0, done.stderr
+    assert env.users() == ["hello"]
+
+
+async def test_cli_send_reads_stdin_and_reports_errors(env: Env) -> None:
+    """TEXT '-' reads stdin; a refusal exits 1 with the server's message on stderr."""
+    ok = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "-",
+                                 stdin="from stdin\n")
+    assert ok.returncode == 0, ok.stderr
+    assert env.users() == ["from stdin"]
+    await env.agent.wait_idle()  # the simulated agent's reply to it has finished
+    env.agent.set_status("running")
+    await env.synced()
+    busy = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "--wait", "0.1",
+                                   "x")
+    assert busy.returncode == 1
+    assert busy.stderr.startswith("agent-sidecar: The agent is still busy.")
+
+
+def test_cli_clients_without_a_daemon(short_dir: Path) -> None:
+    """With no daemon, send and status exit 1 with a hint, and check prints 'unhealthy'."""
+    path = str(short_dir / "none.sock")
+    send = cli("send", "--socket", path, "x")
+    assert send.returncode == 1
+    assert "is `agent-sidecar run` running" in send.stderr
+    check = cli("check", "--socket", path)
+    assert check.returncode == 1
+    assert check.stdout.startswith("unhealthy: cannot reach the sidecar")
+    assert cli("status", "--socket", path).returncode == 1
+
+
+async def test_cli_status_and_check(env: Env) -> None:
+    """status prints a summary or JSON; check prints one line and exits 0 when healthy."""
+    text = await asyncio.to_thread(cli, "status", "--socket", str(env.socket))
+    assert text.returncode == 0
+    assert "relay" in text.stdout
+    raw = await asyncio.to_thread(cli, "status", "--json", "--socket", str(env.socket))
+    assert json.loads(raw.stdout)["relay"]["queue_length"] == 0
+    check = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
+    assert (check.returncode, check.stdout) == (0, "healthy\n")
+    await env.agent.stop()
+    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    sick = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
+    assert (sick.returncode, sick.stdout) == (1, "unhealthy: agentapi: not connected\n")
