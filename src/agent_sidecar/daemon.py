@@ -79,6 +79,7 @@ class Daemon:
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.conversation = Conversation(RETAIN_CHARS)
+        self.metrics.sse_connected.set_function(lambda: float(self.conversation.connected))
         self.failed = False
         reason = settings.uploads_disabled_reason
         self.tokens: TokenSource | None = None

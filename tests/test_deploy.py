@@ -1,0 +1,284 @@
+"""Running where users run it: sd_notify, live reloads, metrics, the demo, deployment files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_sidecar.sdnotify import Notifier
+from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
+
+from .sidecar import Sidecar, clean_env
+from .test_daemon import expected, serving, settings_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Datagrams:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address  # as NOTIFY_SOCKET spells it
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
+        self.sock.setblocking(False)
+        self.received: list[str] = []
+
+    async def until(self, line: str, timeout_s: float = 10) -> list[str]:
+        """Receive datagrams until one contains `line`; return all received so far."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            while not any(line in d.splitlines() for d in self.received):
+                data = await loop.sock_recv(self.sock, 4096)
+                self.received.append(data.decode())
+        return self.received
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[Datagrams]:
+    address = (str(short_dir / "notify") if request.param == "path"
+               else f"@agent-sidecar-test-{uuid.uuid4().hex[:12]}")
+    grams = Datagrams(address)
+    yield grams
+    grams.close()
+
+
+async def test_notifier_speaks_the_protocol(notify_socket: Datagrams) -> None:
+    """READY, STATUS, STOPPING and WATCHDOG arrive as KEY=value datagrams (path and abstract)."""
+    notifier = Notifier({"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "100000"})
+    assert notifier.enabled
+    assert notifier.watchdog_interval_s == 0.1
+    notifier.ready("following agentapi")
+    notifier.stopping()
+    pinger = asyncio.create_task(notifier.watchdog())
+    try:
+        got = await notify_socket.until("WATCHDOG=1")
+    finally:
+        pinger.cancel()
+    assert got[0] == "READY=1\nSTATUS=following agentapi"
+    assert got[1] == "STOPPING=1\nSTATUS=Shutting down"
+
+
+def test_notifier_is_silent_without_notify_socket() -> None:
+    """Outside systemd nothing is sent and nothing fails."""
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.send("READY=1") is False
+    assert notifier.watchdog_interval_s is None
+
+
+def test_watchdog_respects_watchdog_pid() -> None:
+    """A WATCHDOG_PID naming another process means the watchdog is not ours."""
+    env = {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000"}
+    assert Notifier({**env, "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 1.0
+    assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_interval_s is None
+
+
+async def test_daemon_notify_sequence(
+    notify_socket: Datagrams, agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """The real process: READY=1 once following with the socket bound, watchdog pings from
+    the loop at half WATCHDOG_USEC, readable STATUS= lines, and STOPPING=1 at SIGTERM."""
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"),
+                    NOTIFY_SOCKET=notify_socket.address,
+                    WATCHDOG_USEC="400000")
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        got = await notify_socket.until("READY=1")
+        assert (short_dir / "s").exists()
+        ready = next(d for d in got if "READY=1" in d)
+        assert "STATUS=following agentapi, 1 messages, agent stable, uploads off" in ready
+        notify_socket.received.clear()
+        await notify_socket.until("WATCHDOG=1")
+        sidecar.signal(signal.SIGTERM)
+        await notify_socket.until("STOPPING=1")
+        assert await sidecar.wait() == 0
+
+
+async def test_token_file_rewrite_is_used_at_once(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """With CODER_AGENT_TOKEN_FILE, a rewritten token ends the 'token rejected' back-off at
+    once (watchfiles), without a restart, and the token never reaches the logs."""
+    token_file = short_dir / "token"
+    token_file.write_text("00000000-0000-4000-8000-000000000000\n")
+    settings = settings_for(agent, coderd, short_dir, settle_s=0, coder_token=None,
+                            coder_token_file=token_file, rejected_backoff_s=3600)
+    [task] = coderd.tasks
+    async with serving(settings):
+        agent.add_message("user", "hello")
+        await coderd.wait_for(lambda: any(u.status == 401 for u in coderd.uploads))
+        # Rewrite by rename, as Kubernetes secrets and careful writers do.
+        fresh = short_dir / "token.new"
+        fresh.write_text(coderd.token + "\n")
+        fresh.replace(token_file)
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent), 10)
+
+
+async def test_sighup_reloads_the_config_file(agent: FakeAgentAPI, short_dir: Path) -> None:
+    """SIGHUP re-reads the file, applies what can change live, and names what needs a restart."""
+    config = short_dir / "c.toml"
+    config.write_text("settle_s = 0.5\n")
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), AGENT_SIDECAR_CONFIG=str(config))
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        await sidecar.wait_log("ready")
+        config.write_text(f'settle_s = 0.1\nsend_wait_s = 5\nsink_dir = "{short_dir}"\n')
+        sidecar.signal(signal.SIGHUP)
+        reloaded = await sidecar.wait_log("config_reloaded")
+        assert reloaded["applied"] == ["send_wait_s", "settle_s"]
+        assert reloaded["need_restart"] == ["sink_dir"]
+        config.write_text("settle_s = -4\n")
+        sidecar.signal(signal.SIGHUP)
+        failed = await sidecar.wait_log("reload_failed")
+        assert "invalid settle_s" in failed["error"]
+        assert await sidecar.stop() == 0  # a bad reload keeps the daemon running
+
+
+REQUIRED_METRICS = {
+    "agent_sidecar_build_info": "gauge",
+    "agent_sidecar_uploads": "counter",
+    "agent_sidecar_upload_retries": "counter",
+    "agent_sidecar_upload_duration_seconds": "histogram",
+    "agent_sidecar_last_upload_success_timestamp_seconds": "gauge",
+    "agent_sidecar_snapshot_bytes": "gauge",
+    "agent_sidecar_snapshot_messages": "gauge",
+    "agent_sidecar_snapshot_truncations": "counter",
+    "agent_sidecar_sse_reconnects": "counter",
+    "agent_sidecar_sse_connected": "gauge",
+    "agent_sidecar_relay_requests": "counter",
+}
+
+
+async def test_metrics_parse_back_with_prometheus_client(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """/metrics, on the socket and over TCP, parses with prometheus-client's own parser and
+    has every required family with Prometheus-conventional names."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = settings_for(agent, coderd, short_dir, settle_s=0,
+                            metrics_addr=f"127.0.0.1:{port}")
+    [task] = coderd.tasks
+    async with serving(settings):
+        agent.add_message("user", "x" * 70_000)
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+        connector = aiohttp.UnixConnector(path=str(settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as http, \
+                http.get("http://sidecar/metrics") as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")
+            text = await resp.text()
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{port}/metrics") as tcp:
+            assert tcp.status == 200
+            assert "agent_sidecar_uploads_total" in await tcp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in REQUIRED_METRICS.items():
+        assert families[name].type == kind, name
+    samples = {s.name: s for f in families.values() for s in f.samples}
+    assert samples["agent_sidecar_uploads_total"].labels == {"result": "accepted"}
+    assert samples["agent_sidecar_uploads_total"].value == 1
+    assert samples["agent_sidecar_snapshot_truncations_total"].value == 1
+    assert samples["agent_sidecar_sse_connected"].value == 1
+    assert samples["agent_sidecar_build_info"].labels["version"]
+    assert 60_000 < samples["agent_sidecar_snapshot_bytes"].value <= 65536
+
+
+def test_demo_once_runs_a_whole_exchange(short_dir: Path) -> None:
+    """`agent-sidecar demo --once` needs nothing installed, prints snapshots, and exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_sidecar", "demo", "--once", "--dir", str(short_dir)],
+        capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"relay socket        {short_dir}/relay.sock" in proc.stdout
+    assert re.search(r"snapshot written: 3 messages, \d+ bytes, not truncated", proc.stdout)
+    sink = json.loads((short_dir / "sink" / "local.json").read_text())
+    assert [m["role"] for m in sink["messages"]] == ["agent", "user", "agent"]
+    assert not (short_dir / "relay.sock").exists()
+
+
+# -- the deployment files ----------------------------------------------------------------
+
+
+def unit() -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in (ROOT / "systemd" / "agent-sidecar.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def test_systemd_unit_matches_the_daemon() -> None:
+    """Type=notify with a watchdog, a stop timeout above the shutdown budget, a private
+    runtime directory for the socket, and the env file for Coder's variables."""
+    u = unit()
+    assert u["Type"] == ["notify"]
+    assert u["WatchdogSec"]
+    assert u["Restart"] == ["on-failure"]
+    assert int(u["TimeoutStopSec"][0].rstrip("s")) > 8
+    assert u["RuntimeDirectory"] == ["agent-sidecar"]
+    assert u["RuntimeDirectoryMode"] == ["0700"]
+    assert u["EnvironmentFile"] == ["-/etc/agent-sidecar/env"]
+    assert "AGENT_SIDECAR_SOCKET=%t/agent-sidecar/agent-sidecar.sock" in u["Environment"]
+    assert u["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert u["UMask"] == ["077"]
+
+
+def test_dockerfile_essentials() -> None:
+    """Multi-stage, non-root, tini as PID 1 in exec form, SIGTERM, and a health check."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM python:3\.12-slim", text, re.M)) == 2
+    assert re.search(r"^USER 10001", text, re.M)
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "agent-sidecar"]' in text
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
+    assert 'CMD ["agent-sidecar", "check"]' in text
+
+
+def test_deploy_examples_share_the_socket() -> None:
+    """The Kubernetes and Compose examples parse, and both containers see the same socket."""
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    for container in containers.values():
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["AGENT_SIDECAR_SOCKET"] == "/run/agent-sidecar/agent-sidecar.sock"
+    sidecar = containers["agent-sidecar"]
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {e["name"] for e in sidecar["env"]} >= {"CODER_AGENT_URL", "CODER_AGENT_TOKEN",
+                                                   "AGENT_SIDECAR_TASK_ID"}
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    side = compose["services"]["agent-sidecar"]
+    assert side["read_only"] is True
+    assert side["network_mode"] == "service:agent"
+
+
+async def test_an_unreadable_token_file_is_a_startup_error(short_dir: Path) -> None:
+    """An unreadable token file stops `run` with exit 2 and a clear line, not a traceback."""
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), CODER_AGENT_URL="http://x/",
+                    AGENT_SIDECAR_TASK_ID=str(uuid.uuid4()),
+                    CODER_AGENT_TOKEN_FILE=str(short_dir / "missing"))
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "agent_sidecar", "run"], capture_output=True,
+        text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"agent-sidecar: cannot start: token file "
+                                   f"{short_dir / 'missing'}: No such file or directory")
+
+
+
