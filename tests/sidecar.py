@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
@@ -25,9 +27,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Sidecar:
     """`agent-sidecar run` as a child process; its log lines are parsed as they arrive."""
 
-    def __init__(self, *args: str, env: dict[str, str]) -> None:
+    def __init__(self, *args: str, env: dict[str, str],
+                 preexec: Callable[[], None] | None = None) -> None:
         self.args = args
         self.env = env
+        self.preexec = preexec
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._new_line = asyncio.Event()
@@ -38,6 +42,7 @@ class Sidecar:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent_sidecar", "run", *self.args, env=self.env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.preexec,
         )
         self._reader = asyncio.create_task(self._read())
         return self
@@ -76,6 +81,18 @@ class Sidecar:
                     raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.raw[-5:]}")
                 self._new_line.clear()
                 await self._new_line.wait()
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        """GET a path on the relay socket; the JSON body (or text) with the status."""
+        socket_path = self.env["AGENT_SIDECAR_SOCKET"]
+        connector = aiohttp.UnixConnector(path=socket_path)
+        async with aiohttp.ClientSession(connector=connector) as http, \
+                http.get(f"http://sidecar{path}") as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -51,6 +51,7 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[Controls, asyncio.T
         async with asyncio.timeout(10):
             ready = asyncio.create_task(controls.ready.wait())
             await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
             if task.done():
                 task.result()
         yield controls, task
@@ -133,6 +134,25 @@ async def test_sink_mirrors_what_coderd_accepted(
         agent.add_message("user", "mirror me")
         await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
     assert (sink / f"{task}.json").read_bytes() == coderd.snapshots[task]
+
+
+async def test_without_coder_or_sink_it_follows_and_relays(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """With nowhere to deliver snapshots, the daemon still follows, relays and shuts down
+    cleanly (the relay fuzzer found this configuration crashing on the first user message)."""
+    import aiohttp
+
+    settings = settings_for(agent, None, short_dir, settle_s=0)
+    async with serving(settings) as (controls, served):
+        connector = aiohttp.UnixConnector(path=str(settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as http, \
+                http.post("http://x/send", json={"input": "hello"}) as resp:
+            assert resp.status == 204
+        await agent.wait_idle()
+        controls.shutdown.set()
+        assert await served == 0
+    assert agent.received == [("user", "hello")]
 
 
 async def test_uploads_off_is_said_once_with_the_reason(

@@ -22,7 +22,7 @@ from aiohttp import web
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
-from agent_sidecar.relay import Relay, RelayError, bind_unix
+from agent_sidecar.relay import Health, Relay, RelayError, bind_unix
 from agent_sidecar.testing import FakeAgentAPI, problem
 
 from .conftest import until
@@ -69,7 +69,7 @@ async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
         follower = asyncio.create_task(client.follow(conv, reconnect_initial_s=0.01,
                                                      reconnect_max_s=0.05))
         relay = Relay(client, conv, Metrics(), send_wait_s=5,
-                      health=lambda: [] if conv.connected else ["agentapi: not connected"])
+                      health=lambda: Health([] if conv.connected else ["agentapi: not connected"]))
         path = short_dir / "run" / "relay.sock"
         await relay.start(path)
         connector = aiohttp.UnixConnector(path=str(path))
@@ -343,6 +343,13 @@ async def test_healthz_reports_reasons(env: Env) -> None:
     await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
     assert await env.get("/healthz") == (503, {"status": "unhealthy",
                                                "reasons": ["agentapi: not connected"]})
+
+
+async def test_healthz_degraded_is_still_200(env: Env) -> None:
+    """A degraded part (the sink) is reported with 200, so orchestrators do not restart us."""
+    env.relay._health = lambda: Health([], ["sink: /x: Read-only file system"])
+    assert await env.get("/healthz") == (200, {"status": "degraded",
+                                               "reasons": ["sink: /x: Read-only file system"]})
 
 
 async def test_metrics_endpoint_counts_relay_requests(env: Env) -> None:

@@ -27,12 +27,14 @@ def expected_body(agent: FakeAgentAPI, cap: int = 65536) -> bytes:
 
 
 async def wait_for_file(path: Path, content: bytes, timeout_s: float) -> None:
-    """Until `path` holds `content`, woken by filesystem events rather than a timer."""
+    """Until `path` holds `content`, woken by filesystem events. The watcher also wakes every
+    200 ms without one, so a write just before it started watching is not missed."""
     if path.exists() and path.read_bytes() == content:
         return
     stop = asyncio.Event()
     async with asyncio.timeout(timeout_s):
-        async for _ in watchfiles.awatch(path.parent, stop_event=stop, debounce=10, step=10):
+        async for _ in watchfiles.awatch(path.parent, stop_event=stop, debounce=10, step=10,
+                                         rust_timeout=200, yield_on_timeout=True):
             if path.exists() and path.read_bytes() == content:
                 stop.set()
                 return

@@ -286,7 +286,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"unhealthy: {exc}")
         return EXIT_FAILURE
     if status == 200:
-        print("healthy")
+        reasons = data.get("reasons") if isinstance(data, dict) else None
+        print("degraded: " + "; ".join(map(str, reasons)) if reasons else "healthy")
         return EXIT_OK
     reasons = data.get("reasons") if isinstance(data, dict) else None
     print("unhealthy: " + ("; ".join(map(str, reasons)) if reasons else str(data)))

@@ -24,7 +24,7 @@ from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import RESTART_REQUIRED, Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import CONTENT_TYPE, Metrics
-from agent_sidecar.relay import Relay, RelayError
+from agent_sidecar.relay import Health, Relay, RelayError
 from agent_sidecar.sdnotify import Notifier
 from agent_sidecar.sink import Sink
 from agent_sidecar.snapshot import Packed
@@ -129,16 +129,17 @@ class Daemon:
             "relay": {"socket": str(self.settings.socket)},
         }
 
-    def health(self) -> list[str]:
-        reasons = []
+    def health(self) -> Health:
+        health = Health()
         if not self.conversation.connected:
             why = self.agentapi.state.last_error or "starting"
-            reasons.append(f"agentapi: not connected ({why})")
+            health.critical.append(f"agentapi: not connected ({why})")
         if failing := self.uploader.failing:
-            reasons.append(failing)
+            health.critical.append(failing)
         if self.sink and self.sink.error:
-            reasons.append(f"sink: {self.sink.error}")
-        return reasons
+            # The sink mirrors snapshots for people; its failure must not get us restarted.
+            health.degraded.append(f"sink: {self.sink.error}")
+        return health
 
     # -- running -------------------------------------------------------------------------
 

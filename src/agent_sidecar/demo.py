@@ -64,6 +64,7 @@ async def demo(*, once: bool, directory: Path | None, stop: asyncio.Event) -> in
         try:
             ready = asyncio.create_task(controls.ready.wait())
             await asyncio.wait({ready, daemon}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
             if daemon.done():
                 return daemon.result() or 1
             _say(f"simulated agentapi  {agent.url}")

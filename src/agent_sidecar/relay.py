@@ -16,10 +16,12 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from agent_sidecar import logs
 from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable, NotStable
@@ -32,6 +34,14 @@ MAX_BODY_BYTES = 1 << 20
 MAX_WAIT_S = 3600.0
 NOT_STABLE_GRACE_S = 0.25  # agentapi's status lags its POST check by a 25 ms tick
 UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class Health:
+    """Critical reasons make /healthz 503; degraded ones (the sink) are reported with 200."""
+
+    critical: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
 
 
 class RelayError(Exception):
@@ -99,6 +109,37 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+class _ShapedErrorsHandler(RequestHandler):
+    """aiohttp answers what it cannot parse (an unknown method, a broken header) itself, in
+    plain text, before any middleware runs. This gives those answers Coder's shape too."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # logs, checks state
+        headline = (message or "").strip().splitlines()[0] if message else plain.reason
+        text = ("The request is not valid HTTP." if plain.status < 500
+                else "The sidecar failed to handle this request.")
+        resp = error(plain.status, text, headline)
+        resp.force_close()
+        return resp
+
+
+class _ShapedErrorsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        # Mirrors web.Server.__call__ (aiohttp 3.9-3.14), with our handler class.
+        return _ShapedErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ShapedErrorsServer
+        return server
+
+
 class Relay:
     def __init__(
         self,
@@ -108,7 +149,7 @@ class Relay:
         *,
         send_wait_s: float = 30.0,
         status: Callable[[], dict[str, Any]] = dict,
-        health: Callable[[], list[str]] = list,
+        health: Callable[[], Health] = Health,
         uid_of: Callable[[web.Request], int | None] = peer_uid,
     ) -> None:
         self.agentapi = agentapi
@@ -141,7 +182,7 @@ class Relay:
         sock = bind_unix(path)
         self.path = path
         self._inode = path.stat().st_ino  # noqa: ASYNC240 - one stat of a local socket file
-        self._runner = web.AppRunner(
+        self._runner = _Runner(
             self.app, handle_signals=False, access_log=None, handler_cancellation=True,
             shutdown_timeout=1.0,
         )
@@ -311,11 +352,14 @@ class Relay:
         return web.json_response(data)
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        reasons = self._health()
-        if self.closing:
-            reasons = ["shutting down", *reasons]
-        if reasons:
-            return web.json_response({"status": "unhealthy", "reasons": reasons}, status=503)
+        health = self._health()
+        critical = ["shutting down", *health.critical] if self.closing else health.critical
+        if critical:
+            return web.json_response(
+                {"status": "unhealthy", "reasons": critical + health.degraded}, status=503
+            )
+        if health.degraded:
+            return web.json_response({"status": "degraded", "reasons": health.degraded})
         return web.json_response({"status": "ok"})
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -85,6 +85,7 @@ class FakeAgentAPI:
         chunk_delay_s: float = 0.05,
         stable_after_s: float = 0.3,
         events: bool = True,
+        buffer: int = SUBSCRIBER_BUFFER,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -92,6 +93,8 @@ class FakeAgentAPI:
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
         self.stable_after_s = stable_after_s
+        self.events = events
+        self.buffer = buffer
         self.host = host
         self.port = port
         self.messages: list[FakeMessage] = [FakeMessage(0, "agent", "")]
@@ -104,12 +107,15 @@ class FakeAgentAPI:
         self._lock = asyncio.Lock()  # agentapi's s.mu, held exclusively by a user POST
         self._turns: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=MAX_BODY)
-        self.app.router.add_get("/status", self._status)
-        self.app.router.add_get("/messages", self._messages)
-        if events:
-            self.app.router.add_get("/events", self._events)
-        self.app.router.add_post("/message", self._message)
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/messages", self._messages)
+        if self.events:
+            app.router.add_get("/events", self._events)
+        app.router.add_post("/message", self._message)
+        return app
 
     @property
     def url(self) -> str:
@@ -118,7 +124,8 @@ class FakeAgentAPI:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> FakeAgentAPI:
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+        """Listen (again, on the same port after a stop: a restart with saved state)."""
+        self._runner = web.AppRunner(self._app(), handle_signals=False, access_log=None,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -126,10 +133,11 @@ class FakeAgentAPI:
         self.port = self._runner.addresses[0][1]
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, clean: bool = True) -> None:
+        """Stop listening. clean=False cuts every stream mid-way, like a killed process."""
         for task in self._turns:
             task.cancel()
-        self.drop_subscribers(clean=True)
+        self.drop_subscribers(clean=clean)
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
@@ -149,12 +157,13 @@ class FakeAgentAPI:
     def publish(self, raw: bytes) -> None:
         """Send raw bytes to every /events subscriber; a full one is cut off, as agentapi does."""
         for queue in list(self._subscribers):
-            try:
-                queue.put_nowait(raw)
-            except asyncio.QueueFull:
+            if queue.qsize() >= self.buffer:
+                # agentapi closes the subscriber's channel: what is buffered is still
+                # written, then the connection drops. The queue keeps one slot for that.
                 self._subscribers.discard(queue)
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(raw)
 
     def drop_subscribers(self, clean: bool = False) -> None:
         """End every stream: clean=False cuts the connection mid-stream like a slow reader."""
@@ -206,7 +215,7 @@ class FakeAgentAPI:
         return _json(data, schema="MessagesResponseBody", request=request)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(SUBSCRIBER_BUFFER)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(self.buffer + 1)
         replay = [sse_event("message_update", m.sse()) for m in self.messages]
         replay.append(sse_event("status_change", {"status": self.status, "agent_type": "custom"}))
         replay += [sse_event("agent_error", e) for e in self.errors[-100:]]
@@ -324,7 +333,8 @@ def coder_error(status: int, message: str, detail: str = "",
 
 @dataclass
 class Upload:
-    at: float  # time.monotonic()
+    at: float  # time.monotonic() when the answer was sent
+    wall: float  # time.time() when the request arrived
     status: int
     body: bytes
     headers: dict[str, str]
@@ -392,6 +402,7 @@ class FakeCoderd:
                 await self.stored.wait()
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.time()
         raw = await request.read()
         status = 0  # no answer: the handler was cancelled (a hang the client gave up on)
         try:
@@ -399,7 +410,9 @@ class FakeCoderd:
             status = resp.status
             return resp
         finally:
-            self.uploads.append(Upload(time.monotonic(), status, raw, dict(request.headers)))
+            self.uploads.append(
+                Upload(time.monotonic(), arrived, status, raw, dict(request.headers))
+            )
             self.stored.set()
 
     async def _handle(self, request: web.Request, raw: bytes) -> web.StreamResponse:

@@ -103,8 +103,15 @@ class Uploader:
 
     # -- the loop ----------------------------------------------------------------------
 
+    @property
+    def has_destination(self) -> bool:
+        return self.client is not None or self.sink is not None
+
     async def run(self) -> None:
         """Upload as the policy says until cancelled."""
+        if not self.has_destination:
+            # Neither Coder nor a sink: following alone still serves the relay and /status.
+            await asyncio.Event().wait()
         conv = self.conversation
         while True:
             seen = conv.version
@@ -136,6 +143,8 @@ class Uploader:
         True if coderd holds the newest state (or there is nothing it should hold). A
         rejected token or task ends it at once: no retry can change those in time.
         """
+        if not self.has_destination:
+            return True
         if self._synced_version == self.conversation.version and self.state in ("ok", "idle"):
             return True
         log.info("final_flush", messages=self.conversation.count)
