@@ -12,14 +12,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from pydantic import SecretStr
 
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import make_message
 from agent_sidecar.daemon import Controls, serve
 from agent_sidecar.snapshot import pack
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
+from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, hanging
 
 from .sidecar import Sidecar, clean_env
 
@@ -104,13 +103,7 @@ async def test_shutdown_holds_its_deadline_when_coderd_hangs(
 ) -> None:
     """With coderd hanging, serve() still returns by shutdown_timeout_s (+1 s)."""
     entered = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.StreamResponse | None:
-        entered.set()
-        await asyncio.Event().wait()
-        return None
-
-    coderd.hook = hang
+    coderd.hook = hanging(entered)
     settings = settings_for(agent, coderd, short_dir, settle_s=0, shutdown_timeout_s=1.0)
     async with serving(settings) as (controls, served):
         agent.add_message("user", "hello")
@@ -167,43 +160,11 @@ async def test_uploads_off_is_said_once_with_the_reason(
     assert line["reason"] == "no Coder URL and no task id configured"
 
 
-async def test_sigterm_during_a_coderd_hang_exits_0_by_the_deadline(
-    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
-) -> None:
-    """The real process, SIGTERMed while coderd hangs, exits 0 within shutdown_timeout_s + 1 s."""
-    entered = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.StreamResponse | None:
-        entered.set()
-        await asyncio.Event().wait()
-        return None
-
-    coderd.hook = hang
-    task = coderd.add_task()
-    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), CODER_AGENT_URL=coderd.url,
-                    CODER_AGENT_TOKEN=coderd.token, AGENT_SIDECAR_TASK_ID=str(task),
-                    AGENT_SIDECAR_SETTLE_S="0", AGENT_SIDECAR_SHUTDOWN_TIMEOUT_S="2")
-    agent.add_message("user", "hello")
-    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
-        async with asyncio.timeout(10):
-            await entered.wait()
-        started = time.monotonic()
-        sidecar.signal(signal.SIGTERM)
-        assert await sidecar.wait(timeout_s=3) == 0
-    assert time.monotonic() - started <= 3
-    assert sidecar.events("final_flush_timed_out")
-    assert coderd.token not in "\n".join(sidecar.raw)
-
-
 async def test_a_second_sigint_exits_at_once(
     agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
 ) -> None:
     """Ctrl+C twice does not wait for the final upload: the process exits 130 at once."""
-    async def hang(request: web.Request) -> web.StreamResponse | None:
-        await asyncio.Event().wait()
-        return None
-
-    coderd.hook = hang
+    coderd.hook = hanging()
     task = coderd.add_task()
     env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"), CODER_AGENT_URL=coderd.url,
                     CODER_AGENT_TOKEN=coderd.token, AGENT_SIDECAR_TASK_ID=str(task),

@@ -70,6 +70,25 @@ def sse_event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+async def serve_loopback(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port); the runner and the port it got."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner, runner.addresses[0][1]
+
+
+def hanging(entered: asyncio.Event | None = None) -> Hook:
+    """A hook that never answers (a hung coderd or agentapi); sets `entered` when called."""
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        if entered is not None:
+            entered.set()
+        await asyncio.Event().wait()
+        return None
+
+    return hook
+
+
 def echo_reply(prompt: str) -> str:
     return f"You said: {prompt}\n\nI looked into it and here is what I found."
 
@@ -125,12 +144,7 @@ class FakeAgentAPI:
 
     async def start(self) -> FakeAgentAPI:
         """Listen (again, on the same port after a stop: a restart with saved state)."""
-        self._runner = web.AppRunner(self._app(), handle_signals=False, access_log=None,
-                                     shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_loopback(self._app(), self.host, self.port)
         return self
 
     async def stop(self, clean: bool = True) -> None:
@@ -376,12 +390,7 @@ class FakeCoderd:
         return None if raw is None else list(json.loads(raw)["messages"])
 
     async def start(self) -> FakeCoderd:
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_loopback(self.app, self.host, self.port)
         return self
 
     async def stop(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, coder_error, sse_event
+from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, coder_error, hanging, sse_event
 from tests.sidecar import Sidecar, clean_env
 from tests.test_run_sink import expected_body, wait_for_file
 
@@ -130,13 +130,7 @@ async def test_sigterm_while_coderd_hangs_exits_0_by_the_deadline(
 ) -> None:
     """coderd hangs, then SIGTERM: exit 0 within shutdown_timeout_s + 1 s."""
     entered = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.StreamResponse | None:
-        entered.set()
-        await asyncio.Event().wait()
-        return None
-
-    coderd.hook = hang
+    coderd.hook = hanging(entered)
     env = env_for(short_dir, coderd, AGENT_SIDECAR_SETTLE_S="0",
                   AGENT_SIDECAR_SHUTDOWN_TIMEOUT_S="2")
     async with Sidecar("--agentapi-url", agent.url, env=env) as process:
