@@ -184,3 +184,34 @@ async def test_against_the_coderd_stand_in(coderd: FakeCoderd) -> None:
         null = await client(coderd.token).upload(b'{"messages":null}')
         assert null.result is Result.PAYLOAD_REJECTED
         assert null.detail == 'Missing required "messages" field.'
+
+
+@pytest.mark.parametrize(("query", "message", "detail"), [
+    ("", "Invalid query parameters.", 'format: Query param "format" is required and cannot '
+     "be empty"),
+    ("?format=", "Invalid query parameters.", 'format: Query param "format" is required and '
+     "cannot be empty"),
+    ("?format=agentapi&format=agentapi", "Invalid query parameters.",
+     'format: Query param "format" provided more than once'),
+    ("?format=agentapi&coder_session_token=x", "Invalid query parameters.",
+     'coder_session_token: "coder_session_token" is not a valid query param'),
+    ("?format=AgentAPI", "Invalid format parameter.",
+     'Only "agentapi" format is currently supported, got "AgentAPI".'),
+])
+async def test_coderd_stand_in_checks_the_query_like_coderd(
+    coderd: FakeCoderd, query: str, message: str, detail: str,
+) -> None:
+    """The stand-in rejects a missing, empty, repeated or wrong `format` and any other query
+    key with coderd's 400 bodies, so the client's URL is held to coderd's rules."""
+    task = coderd.add_task()
+    url = f"{coderd.url}api/v2/workspaceagents/me/tasks/{task}/log-snapshot{query}"
+    async with aiohttp.ClientSession() as session, session.post(
+        url, data=BODY, headers={"Coder-Session-Token": coderd.token}
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["message"] == message
+    found = body.get("detail") or "; ".join(f"{v['field']}: {v['detail']}"
+                                            for v in body["validations"])
+    assert detail in found
+    assert coderd.snapshots == {}
