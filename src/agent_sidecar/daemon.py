@@ -175,8 +175,10 @@ class Daemon:
     async def _supervise(self) -> int:
         s = self.settings
         if self.disabled_reason:
-            log.warning("uploads_disabled", reason=self.disabled_reason,
-                        sink=str(self.sink.path) if self.sink else None)
+            # With a sink this is the deliberate local mode; without one, likely a mistake.
+            say = log.info if self.sink else log.warning
+            say("uploads_disabled", reason=self.disabled_reason,
+                sink=str(self.sink.path) if self.sink else None)
         elif self.uploader.client is not None:
             log.info("uploads_enabled", url=str(self.uploader.client.url))
         metrics_runner = await self._start_metrics_tcp() if s.metrics_addr else None
