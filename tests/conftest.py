@@ -6,7 +6,7 @@ import asyncio
 import io
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,12 +54,13 @@ def log_output() -> Iterator[io.StringIO]:
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 10.0,
-                changed: Callable[[], asyncio.Event] | None = None) -> None:
-    """Wait until `predicate()` holds, waking on `changed()` or on every loop turn."""
+                wake: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Wait until `predicate()` holds, re-checking whenever `wake()` returns (else each turn
+    of the loop)."""
     async with asyncio.timeout(timeout_s):
         while not predicate():
-            if changed is not None:
-                await changed().wait()
+            if wake is not None:
+                await wake()
             else:
                 await asyncio.sleep(0)
 

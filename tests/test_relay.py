@@ -55,7 +55,7 @@ class Env:
     async def synced(self) -> None:
         """Until the follower mirrors the stand-in's status."""
         await until(lambda: self.conv.connected and self.conv.status == self.agent.status,
-                    changed=lambda: self.conv._changed)
+                    wake=self.conv.next_change)
 
     def users(self) -> list[str]:
         return [text for kind, text in self.agent.received if kind == "user"]
@@ -89,7 +89,7 @@ async def test_user_input_waits_for_stable_then_is_delivered(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     send = asyncio.create_task(env.send({"input": "  hello \n"}))
-    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.busy, wake=env.relay.activity)
     assert not send.done()
     assert env.users() == []
     env.agent.set_status("stable")
@@ -110,9 +110,9 @@ async def test_concurrent_senders_are_delivered_in_arrival_order(env: Env) -> No
     env.agent.set_status("running")
     await env.synced()
     first = asyncio.create_task(env.send({"input": "first"}))
-    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.busy, wake=env.relay.activity)
     second = asyncio.create_task(env.send({"input": "second"}))
-    await until(lambda: env.relay.waiting == 1, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.waiting == 1, wake=env.relay.activity)
     env.agent.set_status("stable")
     assert (await first)[0] == 204
     # The simulated agent works on "first"; "second" waits for the next stable.
@@ -126,10 +126,10 @@ async def test_a_sender_that_hangs_up_is_never_delivered(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     gone = asyncio.create_task(env.send({"input": "too late"}))
-    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.busy, wake=env.relay.activity)
     gone.cancel()  # the client hangs up
     await asyncio.gather(gone, return_exceptions=True)
-    await until(lambda: not env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: not env.relay.busy, wake=env.relay.activity)
     env.agent.set_status("stable")
     assert (await env.send({"input": "on time"}))[0] == 204
     assert env.users() == ["on time"]
@@ -184,7 +184,7 @@ async def test_agentapi_rejection_is_502_with_its_detail(env: Env) -> None:
 async def test_agentapi_unreachable_is_503(env: Env) -> None:
     """With agentapi gone the relay answers 503 rather than hanging."""
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
     status, body = await env.send({"input": "hello", "wait_s": 0.3})
     assert status == 503
     assert body["message"] == "agentapi cannot be reached."
@@ -324,7 +324,7 @@ async def test_shutdown_drains_waiting_senders_with_503(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     waiting = asyncio.create_task(env.send({"input": "pending"}))
-    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.busy, wake=env.relay.activity)
     env.relay.close()
     status, body = await waiting
     assert status == 503
@@ -340,7 +340,7 @@ async def test_healthz_reports_reasons(env: Env) -> None:
     """/healthz is 200 ok while following, and 503 with reasons when agentapi is gone."""
     assert await env.get("/healthz") == (200, {"status": "ok"})
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
     assert await env.get("/healthz") == (503, {"status": "unhealthy",
                                                "reasons": ["agentapi: not connected"]})
 
@@ -381,7 +381,7 @@ async def test_cli_send_waits_then_delivers_exactly_once(env: Env) -> None:
     await env.synced()
     proc = asyncio.create_task(asyncio.to_thread(cli, "send", "--socket", str(env.socket),
                                                  "hello"))
-    await until(lambda: env.relay.busy, changed=lambda: env.relay._activity)
+    await until(lambda: env.relay.busy, wake=env.relay.activity)
     env.agent.set_status("stable")
     done = await proc
     assert done.returncode == 0, done.stderr
@@ -425,6 +425,6 @@ async def test_cli_status_and_check(env: Env) -> None:
     check = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
     assert (check.returncode, check.stdout) == (0, "healthy\n")
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, changed=lambda: env.conv._changed)
+    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
     sick = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
     assert (sick.returncode, sick.stdout) == (1, "unhealthy: agentapi: not connected\n")

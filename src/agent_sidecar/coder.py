@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 
 import aiohttp
 from yarl import URL
@@ -148,6 +148,3 @@ class CoderClient:
         # 400, and anything else a proxy invents (403, 413, 3xx): this payload will not do.
         return Outcome(Result.PAYLOAD_REJECTED, status, message, detail)
 
-
-def http_date(ts: float) -> str:
-    return email.utils.format_datetime(datetime.fromtimestamp(ts, UTC), usegmt=True)

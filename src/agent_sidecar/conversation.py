@@ -76,13 +76,13 @@ class Conversation:
     def messages(self) -> list[Message]:
         return list(self._messages.values())
 
-    @property
-    def retained(self) -> int:
-        return len(self._messages)
-
     async def wait_changed(self, since_version: int) -> None:
         while self.version == since_version:
             await self._changed.wait()
+
+    async def next_change(self) -> None:
+        """Until the next change from now."""
+        await self.wait_changed(self.version)
 
     async def wait_stable(self) -> None:
         await self._stable.wait()

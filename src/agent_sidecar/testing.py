@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -509,12 +509,3 @@ class FakeCoderd:
                                "unsupported Unicode escape sequence")
         self.snapshots[task] = raw
         return web.Response(status=204)
-
-
-@contextlib.asynccontextmanager
-async def running(*servers: FakeAgentAPI | FakeCoderd) -> AsyncIterator[None]:
-    """Start servers for the duration of a block."""
-    async with contextlib.AsyncExitStack() as stack:
-        for server in servers:
-            await stack.enter_async_context(server)
-        yield
