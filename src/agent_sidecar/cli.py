@@ -37,25 +37,40 @@ exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice.
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The top level: its description has paragraphs of its own."""
+
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34)
 
 
+class _Wrapping(argparse.HelpFormatter):
+    """Subcommands: one-paragraph descriptions, wrapped to the terminal."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+
+_METAVARS = {"agentapi_url": "URL", "coder_url": "URL", "coder_token_file": "PATH",
+             "task_id": "UUID", "sink_dir": "DIR", "socket": "PATH", "log_format": "FORMAT",
+             "log_level": "LEVEL", "metrics_addr": "HOST:PORT"}
+
+
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (each also an environment variable)")
+    group = parser.add_argument_group(
+        "settings", "Each is also an environment variable. The agent token is read only "
+        "from CODER_AGENT_TOKEN or a token file: never from a flag, where any local user "
+        "could read it.")
     group.add_argument("--config", type=Path, metavar="PATH",
                        help=f"TOML settings file (env {config.CONFIG_ENV})")
     for name, info in Settings.model_fields.items():
         if name == "coder_token":
-            continue  # a secret never travels in argv, where any local user can read it
+            continue
         env = " or ".join(config.env_names(name))
         default = info.get_default(call_default_factory=True)
         shown = "" if default is None else f", default {default}"
-        group.add_argument(
-            config.flag_name(name), dest=name, metavar=name.rsplit("_", 1)[-1].upper()
-            if name.endswith(("_s", "_bytes")) else "VALUE",
-            help=f"{info.description} (env {env}{shown})",
-        )
+        metavar = _METAVARS.get(name) or ("BYTES" if name.endswith("_bytes") else "SECONDS")
+        group.add_argument(config.flag_name(name), dest=name, metavar=metavar,
+                           help=f"{info.description} (env {env}{shown})")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,46 +94,46 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Follow agentapi, keep Coder's snapshot fresh (or the "
                          "sink, without Coder), and serve the relay socket until SIGTERM or "
                          "Ctrl+C. SIGHUP reloads the config; a second Ctrl+C exits at once.",
-                         formatter_class=_Formatter)
+                         formatter_class=_Wrapping)
     _settings_flags(run)
 
     snap = sub.add_parser("snapshot", help="pack agentapi's conversation once",
                           description="Read GET /messages once and print the packed snapshot "
                           "body, or write it with --output. With --upload, send it to Coder "
                           "with retries: a drop-in for the agentapi module's shutdown script.",
-                          formatter_class=_Formatter)
+                          formatter_class=_Wrapping)
     snap.add_argument("--output", "-o", type=Path, metavar="FILE",
                       help="write the body here instead of stdout")
     snap.add_argument("--upload", action="store_true", help="upload it to Coder")
-    snap.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                      help="give up on the upload after S seconds, retries included (30)")
+    snap.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="give up on the upload after this long, retries included (30)")
     _settings_flags(snap)
 
     send = sub.add_parser("send", help="send input to the agent through the relay",
                           description="Deliver TEXT to the agent. A user message waits until "
                           "the agent is ready; --raw sends keystrokes at once.",
-                          formatter_class=_Formatter)
+                          formatter_class=_Wrapping)
     send.add_argument("text", metavar="TEXT", help="the input, or - to read it from stdin")
     send.add_argument("--raw", action="store_true",
                       help="send keystrokes as they are (e.g. $'\\x1b' for Escape), no waiting")
-    send.add_argument("--wait", type=float, metavar="S",
+    send.add_argument("--wait", type=float, metavar="SECONDS",
                       help="how long to wait for the agent to be ready (server default 30)")
     _socket_arg(send)
 
     status = sub.add_parser("status", help="show what the running daemon is doing",
-                            formatter_class=_Formatter)
+                            formatter_class=_Wrapping)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _socket_arg(status)
 
     check = sub.add_parser("check", help="health check: exit 0 if healthy, 1 if not",
                            description="One line, and exit 0 when healthy, 1 otherwise. "
-                           "Suits a Docker HEALTHCHECK.", formatter_class=_Formatter)
+                           "Suits a Docker HEALTHCHECK.", formatter_class=_Wrapping)
     _socket_arg(check)
 
     cfg = sub.add_parser("config", help="print the effective settings and their sources",
                          description="Print every setting, its value and where it came from. "
                          "Exit 2 if the configuration is invalid (usable as ExecStartPre=).",
-                         formatter_class=_Formatter)
+                         formatter_class=_Wrapping)
     cfg.add_argument("--json", action="store_true", help="print JSON")
     _settings_flags(cfg)
 
@@ -126,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Start a simulated agentapi on loopback, run the full "
                           "sidecar against it with snapshots going to a sink directory, send "
                           "a prompt through the relay, and print each snapshot written.",
-                          formatter_class=_Formatter)
+                          formatter_class=_Wrapping)
     demo.add_argument("--once", action="store_true", help="one scripted exchange, then exit 0")
     demo.add_argument("--dir", type=Path, metavar="DIR",
                       help="where the socket and the sink go (default: a new temporary dir)")
