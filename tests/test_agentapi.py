@@ -154,6 +154,32 @@ async def test_follower_waits_for_agentapi_to_come_up() -> None:
                         wake=conv.next_change)
 
 
+async def test_a_refused_stream_says_why(log_output: io.StringIO) -> None:
+    """A non-200 answer on /events (agentapi's Host allow-list) is logged with its body."""
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=400, text="Invalid host header. Allowed hosts: localhost\n")
+
+    app = web.Application()
+    app.router.add_get("/events", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    retried = asyncio.Event()
+    try:
+        async with following(f"http://127.0.0.1:{port}", lambda kind: retried.set()):
+            async with asyncio.timeout(5):
+                await retried.wait()
+    finally:
+        await runner.cleanup()
+    [line] = [json.loads(x) for x in log_output.getvalue().splitlines()
+              if "agentapi_disconnected" in x][:1]
+    assert line["error"] == ("AgentAPIError: GET /events answered 400: Invalid host header. "
+                             "Allowed hosts: localhost")
+
+
 async def test_one_shot_calls(agent: FakeAgentAPI) -> None:
     """messages(), status() and send() map agentapi's answers to values and typed errors."""
     async with aiohttp.ClientSession() as session:

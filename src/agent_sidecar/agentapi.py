@@ -201,7 +201,10 @@ class AgentAPI:
             if resp.status in (404, 405):
                 raise _NoEvents
             if resp.status != 200:
-                raise AgentAPIError(f"GET /events answered {resp.status}", resp.status)
+                # e.g. agentapi's Host allow-list: "Invalid host header. Allowed hosts: ..."
+                detail = problem_detail(await resp.content.read(2048))
+                raise AgentAPIError(f"GET /events answered {resp.status}: {detail}",
+                                    resp.status, detail)
             decoder = Decoder(self._max_event_bytes)
             replay: Conversation | None = Conversation(conversation.retain_chars)
             async for chunk in resp.content.iter_any():
