@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import signal
@@ -12,6 +13,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+from aiohttp import web
 from pydantic import SecretStr
 
 from agent_sidecar.config import Settings
@@ -114,6 +117,37 @@ async def test_shutdown_holds_its_deadline_when_coderd_hangs(
         async with asyncio.timeout(settings.shutdown_timeout_s + 1):
             assert await served == 0
     assert time.monotonic() - started <= settings.shutdown_timeout_s + 1
+
+
+async def test_the_final_upload_survives_an_outside_cancel(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """An application embedding serve() that cancels it during shutdown still gets the final
+    upload made (it is shielded); serve() then ends cancelled."""
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse | None:
+        arrived.set()
+        await release.wait()  # coderd is slow to answer
+        return None
+
+    settings = settings_for(agent, coderd, short_dir, settle_s=60, max_staleness_s=600)
+    [task] = coderd.tasks
+    agent.add_message("user", "keep me")  # in the replay, so in the model once ready
+    async with serving(settings) as (controls, served):
+        coderd.hook = slow
+        controls.shutdown.set()
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        served.cancel()  # the embedding application's own shutdown
+        release.set()  # without the shield the upload would already have been abandoned
+        with pytest.raises(asyncio.CancelledError):
+            await served
+    assert coderd.snapshots.get(task) == expected(agent)
+    logged = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    [done] = [line for line in logged if line["event"] == "final_flush_done"]
+    assert done["delivered"] is True  # the daemon saw coderd's 204, not a cancelled request
 
 
 async def test_sink_mirrors_what_coderd_accepted(

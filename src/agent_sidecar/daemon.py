@@ -213,17 +213,32 @@ class Daemon:
         _, stuck = await asyncio.wait([follower, uploader], timeout=deadline - loop.time())
         if stuck:
             log.error("shutdown_component_stuck", count=len(stuck))
-        flushed = False
-        try:  # 3. the final upload, from memory, whatever agentapi's state
-            async with asyncio.timeout_at(deadline):
-                flushed = await self.uploader.flush()
-        except TimeoutError:
+        try:
+            await self._final_flush(deadline)  # 3. from memory, whatever agentapi's state
+        finally:
+            for task in helpers:  # 4. the rest
+                task.cancel("shutdown")
+
+    async def _final_flush(self, deadline: float) -> None:
+        """The last upload, shielded: a cancel from outside (an application embedding serve()
+        shutting down) waits for it; only the deadline cuts it short."""
+        loop = asyncio.get_running_loop()
+        flush = loop.create_task(self.uploader.flush(), name="agent-sidecar-final-flush")
+        cancelled = False
+        while not flush.done() and loop.time() < deadline:
+            try:
+                await asyncio.wait([flush], timeout=deadline - loop.time())
+            except asyncio.CancelledError:
+                cancelled = True  # noted; re-raised once the flush is over
+        if flush.done():
+            log.info("final_flush_done", delivered=flush.result(), state=self.uploader.state)
+        else:
+            flush.cancel("shutdown deadline")
+            await asyncio.wait([flush])
             log.error("final_flush_timed_out", timeout_s=self.settings.shutdown_timeout_s,
                       last_outcome=self.uploader.last_outcome)
-        else:
-            log.info("final_flush_done", delivered=flushed, state=self.uploader.state)
-        for task in helpers:  # 4. the rest
-            task.cancel("shutdown")
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _guarded(self, name: str, work: Awaitable[None]) -> None:
         """Run a component; a crash starts an orderly shutdown instead of tearing down the group."""
@@ -276,7 +291,6 @@ class Daemon:
         need_restart = sorted(n for n in changed if n in RESTART_REQUIRED or n.startswith("coder_"))
         live = sorted(n for n in changed if n not in need_restart)
         self.uploader.policy = policy_of(new)
-        self.uploader.cap = min(self.uploader.cap, new.max_snapshot_bytes)
         if "max_snapshot_bytes" in live:
             self.uploader.cap = new.max_snapshot_bytes
         self.relay.send_wait_s = new.send_wait_s

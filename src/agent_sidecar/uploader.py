@@ -158,13 +158,15 @@ class Uploader:
             version = self.conversation.version
             started = self._clock()
             packed = pack(self.conversation.messages(), self.cap)
-            if not self.conversation.has_user or packed.body in (self.last_accepted,
-                                                                  self._rejected):
+            if not self.conversation.has_user or packed.body == self.last_accepted:
                 # Nothing coderd should get: a fresh or restarted agent (no user message)
                 # would wipe the history users see while the task resumes, and a repeat
                 # would only cost a request.
                 self._mark_synced(version, started)
                 return True
+            if packed.body == self._rejected:
+                self._mark_synced(version, started)
+                return False  # coderd refused exactly this; it does not hold it
             self.metrics.snapshot_bytes.set(packed.size)
             self.metrics.snapshot_messages.set(packed.messages)
             if packed.truncated:
