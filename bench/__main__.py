@@ -27,11 +27,17 @@ from pydantic import SecretStr
 from agent_sidecar import logs
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.config import Settings
-from agent_sidecar.conversation import Conversation, Message, make_message
+from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.daemon import Controls, serve
 from agent_sidecar.snapshot import pack
 from agent_sidecar.sse import Decoder
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, now_rfc3339, sse_event
+from agent_sidecar.testing import (
+    FakeAgentAPI,
+    FakeCoderd,
+    now_rfc3339,
+    sse_event,
+    wait_for_file,
+)
 from bench.baseline import MARKER, shutdown_snapshot
 
 CAP = 65536
@@ -353,8 +359,6 @@ async def relay_overhead(directory: Path) -> str:
 
 
 async def rss(directory: Path) -> str:
-    import watchfiles
-
     sink = directory / "sink"
     sink.mkdir()
     async with FakeAgentAPI(buffer=20_000) as agent:
@@ -376,27 +380,13 @@ async def rss(directory: Path) -> str:
             return next(int(line.split()[1]) for line in status.splitlines()
                         if line.startswith(field))
 
-        async def written(expected: bytes) -> None:
-            target = sink / "local.json"
-            if target.exists() and target.read_bytes() == expected:
-                return
-            # yield_on_timeout: a write just before the watcher started is seen within 200 ms.
-            async for _ in watchfiles.awatch(sink, debounce=10, step=10, rust_timeout=200,
-                                             yield_on_timeout=True):
-                if target.exists() and target.read_bytes() == expected:
-                    return
-
-        def expected() -> bytes:
-            return pack([make_message(m.id, m.role, m.content, m.time, CAP)
-                         for m in agent.messages], CAP).body
-
         async def follow(megabytes: int) -> None:
             agent.set_status("running")
             for _ in range(megabytes * 100):
                 role = "user" if agent.messages[-1].role == "agent" else "agent"
                 agent.add_message(role, f"{len(agent.messages)} " + "m" * 10_000)
             agent.set_status("stable")
-            await asyncio.wait_for(written(expected()), 120)
+            await wait_for_file(sink / "local.json", agent.packed(), 120)
 
         idle = kib("VmRSS:")
         await follow(1)

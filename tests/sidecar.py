@@ -116,17 +116,17 @@ class Sidecar:
             self.proc.kill()
             return await self.proc.wait()
 
-    def rss_kib(self) -> int:
+    def _status_kib(self, field: str) -> int:
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return next(int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("VmRSS:"))
+                    if line.startswith(field + ":"))
+
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
 
     def peak_rss_kib(self) -> int:
-        assert self.proc is not None
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("VmHWM:"))
+        return self._status_kib("VmHWM")
 
     async def __aenter__(self) -> Sidecar:
         return await self.start()

@@ -18,9 +18,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from agent_sidecar.config import Settings
-from agent_sidecar.conversation import make_message
 from agent_sidecar.daemon import Controls, serve
-from agent_sidecar.snapshot import pack
 from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, hanging
 
 from .sidecar import Sidecar, clean_env
@@ -38,11 +36,6 @@ def settings_for(agent: FakeAgentAPI, coderd: FakeCoderd | None, short_dir: Path
                       task_id=coderd.add_task())
     values.update(overrides)
     return Settings(**values)
-
-
-def expected(agent: FakeAgentAPI) -> bytes:
-    return pack([make_message(m.id, m.role, m.content, m.time, 65536) for m in agent.messages],
-                65536).body
 
 
 @asynccontextmanager
@@ -78,7 +71,7 @@ async def test_scripted_turn_is_stored_soon_after_stable_with_few_uploads(
             await asyncio.sleep(0.025)  # the agent's typing pace over 5 s
         agent.set_status("stable")
         stable_at = time.monotonic()
-        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent), 5)
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed(), 5)
         stored_at = coderd.uploads[-1].at
     assert stored_at - stable_at <= settings.settle_s + 1
     assert len(coderd.uploads) <= math.ceil(5 / settings.max_staleness_s) + 2
@@ -94,7 +87,7 @@ async def test_final_flush_uploads_from_memory_after_agentapi_died(
     [task] = coderd.tasks
     async with serving(settings) as (controls, served):
         agent.add_message("user", "last words before the workspace stops")
-        final = expected(agent)
+        final = agent.packed()
         await agent.stop()
         controls.shutdown.set()
         assert await served == 0
@@ -144,7 +137,7 @@ async def test_the_final_upload_survives_an_outside_cancel(
         release.set()  # without the shield the upload would already have been abandoned
         with pytest.raises(asyncio.CancelledError):
             await served
-    assert coderd.snapshots.get(task) == expected(agent)
+    assert coderd.snapshots.get(task) == agent.packed()
     logged = [json.loads(line) for line in log_output.getvalue().splitlines()]
     [done] = [line for line in logged if line["event"] == "final_flush_done"]
     assert done["delivered"] is True  # the daemon saw coderd's 204, not a cancelled request
@@ -159,7 +152,7 @@ async def test_sink_mirrors_what_coderd_accepted(
     [task] = coderd.tasks
     async with serving(settings):
         agent.add_message("user", "mirror me")
-        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed())
     assert (sink / f"{task}.json").read_bytes() == coderd.snapshots[task]
 
 
@@ -222,7 +215,7 @@ async def test_status_and_health_describe_the_pipeline(
     [task] = coderd.tasks
     async with serving(settings):
         agent.add_message("user", "hello")
-        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed())
         connector = aiohttp.UnixConnector(path=str(settings.socket))
         async with aiohttp.ClientSession(connector=connector) as http:
             async with http.get("http://x/status") as resp:

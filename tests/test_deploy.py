@@ -23,7 +23,7 @@ from agent_sidecar.sdnotify import Notifier
 from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
 
 from .sidecar import Sidecar, clean_env
-from .test_daemon import expected, serving, settings_for
+from .test_daemon import serving, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ async def test_token_file_rewrite_is_used_at_once(
         fresh = short_dir / "token.new"
         fresh.write_text(coderd.token + "\n")
         fresh.replace(token_file)
-        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent), 10)
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed(), 10)
 
 
 async def test_sighup_reloads_the_config_file(agent: FakeAgentAPI, short_dir: Path) -> None:
@@ -178,7 +178,7 @@ async def test_metrics_parse_back_with_prometheus_client(
     [task] = coderd.tasks
     async with serving(settings):
         agent.add_message("user", "x" * 70_000)
-        await coderd.wait_for(lambda: coderd.snapshots.get(task) == expected(agent))
+        await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed())
         connector = aiohttp.UnixConnector(path=str(settings.socket))
         async with aiohttp.ClientSession(connector=connector) as http, \
                 http.get("http://sidecar/metrics") as resp:

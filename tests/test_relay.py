@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -10,7 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,18 +280,22 @@ def test_a_stale_socket_is_replaced(short_dir: Path) -> None:
     assert stat.S_ISSOCK(path.stat().st_mode)
 
 
+@contextlib.contextmanager
+def listening(path: Path) -> Iterator[None]:
+    """Another process's live socket at `path`."""
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen(1)
+        yield
+
+
 def test_a_live_socket_is_never_unlinked(short_dir: Path) -> None:
     """A socket another process serves is left alone, with a clear error."""
     path = short_dir / "r.sock"
-    live = socket.socket(socket.AF_UNIX)
-    live.bind(str(path))
-    live.listen(1)
-    try:
+    with listening(path):
         with pytest.raises(RelayError, match="another process is serving"):
             bind_unix(path)
         assert path.exists()
-    finally:
-        live.close()
 
 
 def test_a_regular_file_is_never_replaced(short_dir: Path) -> None:
@@ -305,16 +310,11 @@ def test_a_regular_file_is_never_replaced(short_dir: Path) -> None:
 def test_live_socket_makes_run_exit_2(short_dir: Path) -> None:
     """`agent-sidecar run` on a socket in use exits 2 with one clear line."""
     path = short_dir / "r.sock"
-    live = socket.socket(socket.AF_UNIX)
-    live.bind(str(path))
-    live.listen(1)
-    try:
+    with listening(path):
         proc = subprocess.run(
             [sys.executable, "-m", "agent_sidecar", "run", "--socket", str(path),
              "--agentapi-url", "http://127.0.0.1:9"],
             capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
-    finally:
-        live.close()
     assert proc.returncode == 2
     assert f"cannot start: another process is serving {path}" in proc.stderr
 

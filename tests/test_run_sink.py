@@ -10,34 +10,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import watchfiles
-
-from agent_sidecar.conversation import make_message
-from agent_sidecar.snapshot import pack
-from agent_sidecar.testing import FakeAgentAPI
+from agent_sidecar.testing import FakeAgentAPI, wait_for_file
 
 from .sidecar import Sidecar, clean_env
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
-
-
-def expected_body(agent: FakeAgentAPI, cap: int = 65536) -> bytes:
-    messages = [make_message(m.id, m.role, m.content, m.time, 65536) for m in agent.messages]
-    return pack(messages, cap).body
-
-
-async def wait_for_file(path: Path, content: bytes, timeout_s: float) -> None:
-    """Until `path` holds `content`, woken by filesystem events. The watcher also wakes every
-    200 ms without one, so a write just before it started watching is not missed."""
-    if path.exists() and path.read_bytes() == content:
-        return
-    stop = asyncio.Event()
-    async with asyncio.timeout(timeout_s):
-        async for _ in watchfiles.awatch(path.parent, stop_event=stop, debounce=10, step=10,
-                                         rust_timeout=200, yield_on_timeout=True):
-            if path.exists() and path.read_bytes() == content:
-                stop.set()
-                return
 
 
 async def test_run_writes_the_sink_within_two_seconds_of_a_change(
@@ -54,11 +31,11 @@ async def test_run_writes_the_sink_within_two_seconds_of_a_change(
         target = sink / f"{task}.json"
         assert not target.exists()  # a fresh agent with no user message is never written
         agent.add_message("user", "first question")
-        await wait_for_file(target, expected_body(agent), 2.0)
+        await wait_for_file(target, agent.packed(), 2.0)
         agent.set_status("running")
         agent.add_message("agent", "┌─ answer ─┐ \"quoted\" …")
         agent.set_status("stable")
-        await wait_for_file(target, expected_body(agent), 2.0)
+        await wait_for_file(target, agent.packed(), 2.0)
         assert not list(sink.glob(".*.tmp"))  # the temporary file was renamed into place
         assert await sidecar.stop() == 0
 
@@ -69,7 +46,7 @@ async def test_sink_is_local_json_without_a_task_id(agent: FakeAgentAPI, short_d
                     AGENT_SIDECAR_SOCKET=str(short_dir / "s"))
     agent.add_message("user", "hello")
     async with Sidecar("--agentapi-url", agent.url, "--settle-s", "0", env=env) as sidecar:
-        await wait_for_file(short_dir / "local.json", expected_body(agent), 5.0)
+        await wait_for_file(short_dir / "local.json", agent.packed(), 5.0)
         assert await sidecar.stop() == 0
 
 
@@ -88,7 +65,7 @@ async def test_snapshot_prints_a_body_coderd_accepts(agent: FakeAgentAPI, tmp_pa
     assert proc.returncode == 0, proc.stderr
     body = proc.stdout.rstrip(b"\n")
     assert len(body) <= 65536
-    assert body == expected_body(agent)
+    assert body == agent.packed()
     messages = json.loads(body)["messages"]
     assert all(RFC3339.match(m["time"]) for m in messages)
     out = tmp_path / "snap.json"

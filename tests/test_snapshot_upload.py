@@ -11,7 +11,6 @@ from aiohttp import web
 from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, coder_error
 
 from .sidecar import clean_env
-from .test_run_sink import expected_body
 
 
 def upload_cli(agent: FakeAgentAPI, coderd: FakeCoderd, *args: str,
@@ -35,7 +34,7 @@ async def test_upload_succeeds_and_stores_the_packed_conversation(
     task = coderd.add_task()
     proc = await asyncio.to_thread(upload_cli, agent, coderd, task=str(task))
     assert proc.returncode == 0, proc.stderr
-    assert coderd.snapshots[task] == expected_body(agent)
+    assert coderd.snapshots[task] == agent.packed()
     assert "uploaded 3 messages" in proc.stderr
 
 

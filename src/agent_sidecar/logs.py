@@ -109,21 +109,16 @@ def configure(
         structlog.processors.add_log_level,
         limiter or RepeatLimiter(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info if fmt == "json" else _noop,
-        redactor.event,
-        renderer,
-        redactor.rendered,
     ]
+    if fmt == "json":  # the console renderer formats exceptions itself
+        processors.append(structlog.processors.format_exc_info)
+    processors += [redactor.event, renderer, redactor.rendered]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-
-
-def _noop(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    return event_dict
 
 
 def get(name: str) -> FilteringBoundLogger:

@@ -19,9 +19,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import watchfiles
 from aiohttp import web
+
+from agent_sidecar.conversation import make_message
+from agent_sidecar.snapshot import pack
 
 Hook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 SUBSCRIBER_BUFFER = 1024  # agentapi's defaultSubscriptionBufSize
@@ -87,6 +92,25 @@ def hanging(entered: asyncio.Event | None = None) -> Hook:
         return None
 
     return hook
+
+
+async def wait_for_file(path: Path, content: bytes, timeout_s: float) -> None:
+    """Until `path` holds `content`, woken by filesystem events. The watcher also wakes every
+    200 ms without one, so a write just before it started watching is not missed."""
+    if _holds(path, content):
+        return
+    stop = asyncio.Event()
+    async with asyncio.timeout(timeout_s):
+        async for _ in watchfiles.awatch(path.parent, stop_event=stop, debounce=10, step=10,
+                                         rust_timeout=200, yield_on_timeout=True):
+            if _holds(path, content):
+                stop.set()
+                return
+
+
+def _holds(path: Path, content: bytes) -> bool:
+    # A read of one small local file: not worth a thread.
+    return path.exists() and path.read_bytes() == content
 
 
 def echo_reply(prompt: str) -> str:
@@ -207,6 +231,11 @@ class FakeAgentAPI:
         self.drop_subscribers()
         self.messages = [FakeMessage(0, "agent", "")]
         self.status = "stable"
+
+    def packed(self, cap: int = 65536) -> bytes:
+        """The snapshot body a faithful sidecar holds for this conversation."""
+        messages = [make_message(m.id, m.role, m.content, m.time, 65536) for m in self.messages]
+        return pack(messages, cap).body
 
     def rest_messages(self) -> list[dict[str, Any]]:
         return [m.rest() for m in self.messages]

@@ -21,9 +21,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, coder_error, hanging, sse_event
+from agent_sidecar.testing import (
+    FakeAgentAPI,
+    FakeCoderd,
+    coder_error,
+    hanging,
+    sse_event,
+    wait_for_file,
+)
 from tests.sidecar import Sidecar, clean_env
-from tests.test_run_sink import expected_body, wait_for_file
 
 pytestmark = pytest.mark.faults
 
@@ -46,7 +52,7 @@ def stored(coderd: FakeCoderd) -> bytes | None:
 
 
 async def converged(coderd: FakeCoderd, agent: FakeAgentAPI, timeout_s: float = 15) -> None:
-    await coderd.wait_for(lambda: stored(coderd) == expected_body(agent), timeout_s)
+    await coderd.wait_for(lambda: stored(coderd) == agent.packed(), timeout_s)
 
 
 @contextlib.asynccontextmanager
@@ -315,7 +321,7 @@ async def test_memory_is_bounded_by_the_snapshot_not_the_history(
                 role = "user" if agent.messages[-1].role == "agent" else "agent"
                 agent.add_message(role, f"{len(agent.messages)} " + "m" * 10_000)
             agent.set_status("stable")
-            await wait_for_file(sink / "local.json", expected_body(agent), 60)
+            await wait_for_file(sink / "local.json", agent.packed(), 60)
             return process.peak_rss_kib()
 
         after_1mb = await follow(1)
