@@ -29,6 +29,9 @@ log = logs.get("agentapi")
 HEALTHY_CONNECTION_S = 60.0  # a stream that lived this long resets the reconnect back-off
 EVENTS_RETRY_S = 60.0  # while polling, how often to try /events again
 NOT_STABLE = "agent is waiting for user input"  # the text of agentapi's "not stable" 500
+# The released phase 1 failure (v0.10 - v0.12.1): the text was typed, Enter was not sent.
+TYPED_NOT_SUBMITTED = "failed to wait for screen to stabilize"
+MAX_ERROR_BODY_BYTES = 64 * 1024  # what is read of a refusal's body for its detail
 
 
 class AgentAPIError(Exception):
@@ -41,11 +44,24 @@ class AgentAPIError(Exception):
 
 
 class AgentAPIUnavailable(Exception):
-    """agentapi could not be reached."""
+    """agentapi could not be reached. From `send()`: the request was never written, so
+    nothing was typed and sending again is safe."""
 
 
 class NotStable(AgentAPIError):
-    """agentapi refused a user message because the agent is not waiting for input."""
+    """agentapi refused a user message because the agent is not waiting for input; nothing
+    was typed."""
+
+
+class TypedNotSubmitted(AgentAPIError):
+    """agentapi typed the text into the agent's input box, then failed before submitting it
+    (`failed to wait for screen to stabilize`, field-notes.md §3). Sending again would type
+    it a second time."""
+
+
+class SendUnconfirmed(Exception):
+    """The request was written, but no answer came: it timed out or the connection dropped.
+    The input may have been typed, or even submitted; sending again blindly may repeat it."""
 
 
 @dataclass
@@ -55,6 +71,9 @@ class FollowState:
     mode: str = "events"  # or "polling"
     reconnects: int = 0
     last_error: str | None = None
+    # "pty" or "acp" as agentapi's GET /status says (absent before v0.12 means "pty"); None
+    # while unknown. The follower sets it on each connect; the relay reads it.
+    transport: str | None = None
 
 
 def parse_message(data: dict[str, Any], text_field: str, retain_chars: int) -> Message | None:
@@ -150,23 +169,68 @@ class AgentAPI:
         data = await self._get_json("/status", self.settings.agentapi_timeout_s)
         return parse_status(data.get("status") if isinstance(data, dict) else None)
 
-    async def send(self, content: str, kind: str) -> None:
-        """POST /message, bounded by send_timeout_s. Raises NotStable, AgentAPIError or
-        AgentAPIUnavailable."""
+    async def transport(self) -> str:
+        """GET /status: "pty" or "acp". agentapi before v0.12 has no ACP and says nothing."""
+        data = await self._get_json("/status", self.settings.agentapi_timeout_s)
+        value = data.get("transport") if isinstance(data, dict) else None
+        return "acp" if value == "acp" else "pty"
+
+    async def send(self, content: str, kind: str, *, timeout_s: float | None = None,
+                   connect_timeout_s: float | None = None) -> None:
+        """POST /message, on a connection of its own, telling "never sent" from "sent".
+
+        Connecting is bounded by `connect_timeout_s` (default agentapi_timeout_s); once the
+        request is written, waiting for the answer is bounded by `timeout_s` (default
+        send_timeout_s). Raises AgentAPIUnavailable (never written: nothing was typed),
+        NotStable or TypedNotSubmitted or AgentAPIError (agentapi answered and refused), or
+        SendUnconfirmed (written, no answer). Never retries. A fresh connection per POST
+        means the request never rides a kept-alive connection that agentapi has closed.
+        """
+        settings = self.settings
+        timeout_s = settings.send_timeout_s if timeout_s is None else timeout_s
+        connect_s = settings.agentapi_timeout_s if connect_timeout_s is None else connect_timeout_s
+        loop = asyncio.get_running_loop()
+        written = False
+        bound: asyncio.Timeout | None = None
+
+        async def on_written(*_: object) -> None:
+            nonlocal written
+            written = True
+            if bound is not None:  # from now on, the answer's bound
+                bound.reschedule(loop.time() + timeout_s)
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(on_written)
         try:
-            async with self._session.post(
-                self._url("/message"),
-                json={"content": content, "type": kind},
-                timeout=aiohttp.ClientTimeout(total=self.settings.send_timeout_s),
-            ) as resp:
-                body = await resp.read()
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True), trace_configs=[trace],
+                    timeout=aiohttp.ClientTimeout(total=None)) as session,
+                asyncio.timeout(connect_s) as bound,
+                session.post(self._url("/message"),
+                             json={"content": content, "type": kind}) as resp,
+            ):
                 if resp.status == 200:
                     return
-                detail = problem_detail(body)
-                cls = NotStable if NOT_STABLE in detail else AgentAPIError
-                raise cls(f"agentapi refused the input ({resp.status})", resp.status, detail)
+                try:
+                    body = await _read_capped(resp, MAX_ERROR_BODY_BYTES)
+                except (aiohttp.ClientError, OSError):
+                    body = b""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {exc!r}") from exc
+            if written:
+                why = (f"no answer within {timeout_s:g}s" if isinstance(exc, TimeoutError)
+                       else f"the connection dropped: {type(exc).__name__}")
+                raise SendUnconfirmed(why) from exc
+            why = (f"connecting timed out after {connect_s:g}s"
+                   if isinstance(exc, TimeoutError) else repr(exc))
+            raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {why}") from exc
+        detail = problem_detail(body)
+        cls: type[AgentAPIError] = AgentAPIError
+        if NOT_STABLE in detail:
+            cls = NotStable
+        elif TYPED_NOT_SUBMITTED in detail:
+            cls = TypedNotSubmitted
+        raise cls(f"agentapi refused the input ({resp.status})", resp.status, detail)
 
     # -- following ---------------------------------------------------------------------
 
@@ -270,6 +334,16 @@ class AgentAPI:
                 self.state.last_error = str(exc)
                 log.warning("agentapi_poll_failed", error=str(exc))
             await asyncio.sleep(self.settings.poll_interval_s)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body: a refusal's detail needs no more."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await resp.content.read(limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class _NoEvents(Exception):
