@@ -192,6 +192,28 @@ class Settings(BaseSettings):
         60, gt=0, le=3600,
         description="bound on one agentapi POST /message once it is written",
     )
+    acp_turn_timeout_s: float = Field(
+        3600, gt=0, le=86400,
+        description="under agentapi's ACP transport, where POST /message lasts the whole "
+        "turn, the bound on it instead of send_timeout_s",
+    )
+    relay_max_connections: int = Field(
+        256, ge=1, le=65536,
+        description="relay connections open at once; at the cap the longest idle one is "
+        "closed for a new one",
+    )
+    relay_header_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="a relay request's headers must be complete this long after its first byte",
+    )
+    relay_body_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="a relay request's body must be complete this long after its headers",
+    )
+    relay_idle_timeout_s: float = Field(
+        30, gt=0, le=3600,
+        description="a relay connection with no request for this long is closed",
+    )
     metrics_addr: str | None = Field(
         None,
         description="also serve /metrics over TCP at HOST:PORT; unset means socket only",

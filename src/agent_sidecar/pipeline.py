@@ -43,7 +43,9 @@ LIVE_SETTINGS = frozenset({
     "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
     "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
     "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
-    "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+    "agentapi_timeout_s", "send_wait_s", "send_timeout_s", "acp_turn_timeout_s",
+    "relay_max_connections", "relay_header_timeout_s", "relay_body_timeout_s",
+    "relay_idle_timeout_s",
 })
 # Settings of the process, not of the pipeline: the program that owns logging applies them
 # (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging.
@@ -145,8 +147,9 @@ class Pipeline:
             },
             "relay": {
                 "socket": str(self.settings.socket),
-                "send_wait_s": self.settings.send_wait_s,
-                "send_timeout_s": self.settings.send_timeout_s,
+                # send_wait_s, send_timeout_s (acp_turn_timeout_s under ACP), answer_margin_s,
+                # queue_length, connections, max_connections
+                **self.relay.status_fields(),
             },
         }
 
