@@ -179,6 +179,22 @@ def test_config_command_masks_the_token_and_shows_sources() -> None:
     assert lines["retry_max_s"].endswith("default")
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_config_command_masks_url_userinfo(as_json: bool) -> None:
+    """`agent-sidecar config` shows URLs with their `user:password@` masked, in both forms."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_SIDECAR_", "CODER_"))}
+    env["CODER_AGENT_URL"] = "https://deploy:hunter2pass@coder.example.com/"
+    env["AGENT_SIDECAR_AGENTAPI_URL"] = "http://agent:s3cret-pw@127.0.0.1:3284"
+    proc = run_cli("config", *(["--json"] if as_json else []), env=env)
+    assert proc.returncode == 0, proc.stderr
+    for secret in ("hunter2pass", "deploy", "s3cret-pw", "agent:"):
+        assert secret not in proc.stdout + proc.stderr
+    assert "https://**********@coder.example.com/" in proc.stdout
+    assert "http://**********@127.0.0.1:3284" in proc.stdout
+
+
 def test_config_command_exits_2_when_invalid() -> None:
     """`agent-sidecar config` exits 2 on an invalid configuration, usable as ExecStartPre=."""
     proc = run_cli("config", "--settle-s", "-1")

@@ -315,7 +315,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)
         shown = config.SECRET_MASK if name == "coder_token" and value else value
-        rows.append((name, "" if shown is None else str(shown), loaded.origins[name]))
+        rows.append((name, "" if shown is None else logs.redact_url(str(shown)),
+                     loaded.origins[name]))
     if args.json:
         print(json.dumps({n: {"value": v, "source": o} for n, v, o in rows}, indent=2))
         return EXIT_OK

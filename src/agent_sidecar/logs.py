@@ -11,6 +11,8 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
+from agent_sidecar.redact import redact_url
+
 REDACTED = "**********"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -125,4 +127,5 @@ def get(name: str) -> FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
 
 
-__all__ = ["REDACTED", "Redactor", "RepeatLimiter", "configure", "get", "redactor"]
+__all__ = ["REDACTED", "Redactor", "RepeatLimiter", "configure", "get", "redact_url",
+           "redactor"]
