@@ -12,7 +12,6 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
@@ -50,7 +49,7 @@ def log_output() -> Iterator[io.StringIO]:
     try:
         yield stream
     finally:
-        structlog.reset_defaults()
+        logs.reset()
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 10.0,

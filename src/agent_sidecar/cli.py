@@ -157,8 +157,11 @@ def _load(args: argparse.Namespace) -> config.Loaded:
 
 def _setup_logs(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
+    logs.capture_uncaught()
     if settings.coder_token:
         logs.redactor.add(settings.coder_token.get_secret_value())
+    for url in (settings.coder_url, settings.agentapi_url):
+        logs.redactor.add_url(url)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
