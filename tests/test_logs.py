@@ -1,5 +1,5 @@
 """Logging: one pipeline for our events and stdlib records, JSON lines, redaction of secrets
-wherever and however they appear, and rate-limited repeats."""
+wherever and however they appear, rate-limited repeats, and journald priorities."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -479,3 +480,70 @@ def test_stdlib_repeats_are_limited_by_their_template(stream: io.StringIO) -> No
         server.exception("Error handling request from %s", "127.0.0.1:1")
     assert [line["exception"].splitlines()[-1] for line in lines(stream)] == [
         "ValueError: bad", "KeyError: 'other'"]
+
+
+# -- journald --------------------------------------------------------------------------------
+
+
+def _stream_ident(fh: Any) -> str:
+    st = os.fstat(fh.fileno())
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_journald_gets_the_syslog_priority_of_each_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When stderr is journald's stream, each line starts with `<N>`, the level's syslog
+    priority, so `journalctl -p warning` finds warnings; the rest of the line is unchanged."""
+    with (tmp_path / "journal").open("w") as fh:
+        monkeypatch.setenv("JOURNAL_STREAM", _stream_ident(fh))
+        logs.configure("debug", "json", stream=fh, limiter=frozen())
+        log = logs.get("t")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        log.critical("c")
+        logging.getLogger("aiohttp.server").error("lib_e")
+        logs.reset()
+    written = (tmp_path / "journal").read_text().splitlines()
+    assert [(line[:3], json.loads(line[3:])["event"]) for line in written] == [
+        ("<7>", "d"), ("<6>", "i"), ("<4>", "w"), ("<3>", "e"), ("<2>", "c"), ("<3>", "lib_e"),
+    ]
+
+
+def test_journald_prefixes_every_line_of_a_console_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A multi-line console entry keeps its priority on every line journald splits it into."""
+    with (tmp_path / "journal").open("w") as fh:
+        monkeypatch.setenv("JOURNAL_STREAM", _stream_ident(fh))
+        logs.configure("debug", "console", stream=fh)
+        try:
+            _fail_with_a_local()
+        except RuntimeError:
+            logs.get("t").exception("crashed")
+        logs.reset()
+    written = (tmp_path / "journal").read_text().splitlines()
+    assert len(written) > 3
+    assert all(line.startswith("<3>") for line in written)
+
+
+@pytest.mark.parametrize("journal_stream", ["other", "unset", "garbage"])
+def test_no_priority_prefix_unless_the_stream_is_journald(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal_stream: str,
+) -> None:
+    """A JOURNAL_STREAM naming another file (inherited, then redirected), none, or a bad
+    one: the lines are plain JSON."""
+    with (tmp_path / "other").open("w") as other, (tmp_path / "log").open("w") as fh:
+        if journal_stream == "other":
+            monkeypatch.setenv("JOURNAL_STREAM", _stream_ident(other))
+        elif journal_stream == "garbage":
+            monkeypatch.setenv("JOURNAL_STREAM", "not:numbers")
+        else:
+            monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        logs.configure("info", "json", stream=fh)
+        logs.get("t").warning("w")
+        logs.reset()
+    [line] = (tmp_path / "log").read_text().splitlines()
+    assert json.loads(line)["event"] == "w"

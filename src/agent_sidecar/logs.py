@@ -1,11 +1,12 @@
 """One logging pipeline: our structlog events and every stdlib `logging` record (aiohttp,
 asyncio, Python's warnings) go through one handler and the same processors: JSON lines or
-console, the repeat limiter and secret redaction."""
+console, the repeat limiter, secret redaction, and journald priorities."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -71,8 +72,40 @@ def _kind(record: logging.LogRecord) -> tuple[str, str, str, str]:
     return record.name, record.levelname, str(event), str(error)
 
 
+def _priority(levelno: int) -> int:
+    """The syslog priority of a level: debug 7, info 6, warning 4, error 3, critical 2."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                            (logging.INFO, 6)):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+def _journald(stream: TextIO) -> bool:
+    """Whether `stream` is journald's: JOURNAL_STREAM holds the device and inode of the stream
+    systemd connected, which stays true only while nothing has redirected it."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):  # no file behind it, or no such variable
+        return False
+
+
 class _Handler(logging.StreamHandler[TextIO]):
-    """The one handler: writes each rendered record."""
+    """The one handler: writes each rendered record, with journald's `<N>` priority prefix on
+    every line when the stream is journald's (its SyslogLevelPrefix, on by default)."""
+
+    def __init__(self, stream: TextIO, journald: bool) -> None:
+        super().__init__(stream)
+        self._journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if not self._journald:
+            return line
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + part for part in line.split("\n"))
 
     def handleError(self, record: logging.LogRecord) -> None:
         # A record that could not be rendered: say so in one line of the same shape, without
@@ -82,7 +115,7 @@ class _Handler(logging.StreamHandler[TextIO]):
                            "logger": record.name,
                            "error": failure.__name__ if failure else "unknown"})
         try:
-            self.stream.write(line + self.terminator)
+            self.stream.write(("<3>" if self._journald else "") + line + self.terminator)
             self.flush()
         except Exception:  # noqa: S110 - nowhere left to report to
             pass
@@ -168,7 +201,7 @@ def configure(
         ],
         processors=final,
     )
-    handler = _Handler(stream)
+    handler = _Handler(stream, journald=_journald(stream))
     handler.setLevel(_LEVELS[level])  # also for a library that lowered its own logger's level
     handler.setFormatter(formatter)
     handler.addFilter(limiter or RepeatLimiter())
