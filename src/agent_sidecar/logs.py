@@ -232,7 +232,6 @@ def set_level(level: str) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
 
 
-_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 _saved_hooks: tuple[Any, Any, Any] | None = None
 
 
@@ -266,7 +265,7 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def _unraisablehook(args: Any) -> None:  # sys.UnraisableHookArgs is not public in typeshed
+def _unraisablehook(args: sys.UnraisableHookArgs) -> None:
     try:
         where = repr(args.object)
     except Exception:
