@@ -74,21 +74,34 @@ def test_level_filters(stream: io.StringIO) -> None:
     assert [line["event"] for line in lines(stream)] == ["loud"]
 
 
-def test_set_level_moves_our_threshold_and_the_libraries_alike(stream: io.StringIO) -> None:
-    """set_level (the live reload) applies to our events and to stdlib records at once."""
+def test_libraries_speak_from_warning_up_and_ours_from_the_level(stream: io.StringIO) -> None:
+    """At debug our debug events are written, a library's debug and info records are not
+    (asyncio's selector, watchfiles' polling), and its warnings are."""
+    logs.configure("debug", "json", stream=stream)
+    logs.get("t").debug("ours")
+    logging.getLogger("asyncio").debug("Using selector: EpollSelector")
+    logging.getLogger("watchfiles.main").info("polling")
+    logging.getLogger("aiohttp.server").warning("lib_warning")
+    assert [line["event"] for line in lines(stream)] == ["ours", "lib_warning"]
+
+
+def test_set_level_moves_both_thresholds_at_once(stream: io.StringIO) -> None:
+    """set_level (the live reload) moves our threshold, and a library's once it is above
+    warning; a library that lowered its own logger's level is held to it too."""
     logs.configure("warning", "json", stream=stream)
     logs.get("t").info("quiet")
-    logging.getLogger("lib").info("lib_quiet")
     logs.set_level("info")
     logs.get("t").info("heard")
-    logging.getLogger("lib").info("lib_heard")
+    logging.getLogger("lib").info("lib_quiet")
+    logging.getLogger("lib").warning("lib_heard")
     logs.set_level("error")
     logs.get("t").warning("quiet_again")
     logging.getLogger("lib").warning("lib_quiet_again")
-    chatty = logging.getLogger("chatty")  # a library that set its own level
+    chatty = logging.getLogger("chatty")
     chatty.setLevel(logging.DEBUG)
     chatty.warning("chatty_quiet")
-    assert [line["event"] for line in lines(stream)] == ["heard", "lib_heard"]
+    logging.getLogger("lib").error("lib_error")
+    assert [line["event"] for line in lines(stream)] == ["heard", "lib_heard", "lib_error"]
 
 
 def test_configuring_again_replaces_the_handler(stream: io.StringIO) -> None:

@@ -157,6 +157,7 @@ def _redact_console_line(_: WrappedLogger, __: str, line: str) -> str:
     return redactor.scrub(line)
 
 
+_OURS = "agent_sidecar"  # the stdlib logger under which our events travel
 _handler: _Handler | None = None
 _timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
@@ -202,7 +203,6 @@ def configure(
         processors=final,
     )
     handler = _Handler(stream, journald=_journald(stream))
-    handler.setLevel(_LEVELS[level])  # also for a library that lowered its own logger's level
     handler.setFormatter(formatter)
     handler.addFilter(limiter or RepeatLimiter())
     root = logging.getLogger()
@@ -210,7 +210,7 @@ def configure(
         root.removeHandler(_handler)
     root.addHandler(handler)
     _handler = handler
-    root.setLevel(_LEVELS[level])
+    _set_thresholds(_LEVELS[level])
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -225,11 +225,19 @@ def configure(
 
 
 def set_level(level: str) -> None:
-    """Change the level of our events and of stdlib records alike (for a live reload)."""
-    logging.getLogger().setLevel(_LEVELS[level])
-    if _handler is not None:
-        _handler.setLevel(_LEVELS[level])
+    """Change the level at once for our events and for stdlib records (a live reload)."""
+    _set_thresholds(_LEVELS[level])
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
+
+
+def _set_thresholds(level: int) -> None:
+    # Our records follow the level. A library's start at warning (or the level, if higher):
+    # below that they speak of their own internals (asyncio's choice of selector, watchfiles'
+    # polling), which would drown ours at debug.
+    logging.getLogger().setLevel(max(level, logging.WARNING))
+    logging.getLogger(_OURS).setLevel(level)
+    if _handler is not None:
+        _handler.setLevel(level)  # also for a library that lowered its own logger's level
 
 
 _saved_hooks: tuple[Any, Any, Any] | None = None
@@ -283,6 +291,7 @@ def reset() -> None:
         root.removeHandler(_handler)
         _handler = None
     root.setLevel(logging.WARNING)
+    logging.getLogger(_OURS).setLevel(logging.NOTSET)
     if _saved_hooks is not None:
         sys.excepthook, threading.excepthook, sys.unraisablehook = _saved_hooks
         _saved_hooks = None
@@ -291,7 +300,7 @@ def reset() -> None:
 
 
 def get(name: str) -> FilteringBoundLogger:
-    return structlog.get_logger(f"agent_sidecar.{name}")  # type: ignore[no-any-return]
+    return structlog.get_logger(f"{_OURS}.{name}")  # type: ignore[no-any-return]
 
 
 def clip(text: str, limit: int) -> str:
