@@ -23,21 +23,21 @@ from typing import Any, cast
 
 import aiohttp
 from pydantic import SecretStr
-
-from agent_sidecar import logs
-from agent_sidecar.agentapi import AgentAPI
-from agent_sidecar.config import Settings
-from agent_sidecar.conversation import Conversation, Message
-from agent_sidecar.daemon import Controls, serve
-from agent_sidecar.snapshot import pack
-from agent_sidecar.sse import Decoder
-from agent_sidecar.testing import (
+from standins import (
     FakeAgentAPI,
     FakeCoderd,
     now_rfc3339,
     sse_event,
     wait_for_file,
 )
+
+from agent_sidecar import logs
+from agent_sidecar.agentapi import AgentAPI
+from agent_sidecar.config import Settings
+from agent_sidecar.conversation import Conversation, Message
+from agent_sidecar.daemon import Controls, serve
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
+from agent_sidecar.sse import Decoder
 from bench.baseline import MARKER, shutdown_snapshot
 
 CAP = 65536
@@ -50,7 +50,7 @@ NOTES = """How to read them:
   `/messages` history; the sidecar only walks back from the newest message until the cap
   is full, so its cost stops growing once the history exceeds the cap.
 - Freshness and amplification run the real daemon on loopback with default settings
-  against `agent_sidecar.testing`'s agentapi and coderd stand-ins.
+  against the agentapi and coderd stand-ins in `standins/`.
 """
 T = "2026-04-10T12:34:56.123456Z"
 Rows = list[tuple[str, ...]]
@@ -194,9 +194,10 @@ def follower_cost() -> str:
     chunks = [bytes(stream[i:i + 65536]) for i in range(0, len(stream), 65536)]
 
     def sidecar() -> None:
-        conv = Conversation()
-        client = AgentAPI(cast(aiohttp.ClientSession, None), "http://localhost:3284")
-        decoder = Decoder()
+        conv = Conversation(CODERD_MAX_BODY_BYTES)
+        settings = Settings(agentapi_url="http://localhost:3284")
+        client = AgentAPI(cast(aiohttp.ClientSession, None), settings)
+        decoder = Decoder(settings.max_event_bytes)
         for chunk in chunks:
             for event in decoder.feed(chunk):
                 client._apply(event, conv, None)

@@ -10,13 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from standins import FakeCoderd
 from yarl import URL
 
 from agent_sidecar.coder import CoderClient, Result, parse_retry_after, snapshot_url
-from agent_sidecar.testing import FakeCoderd
 from agent_sidecar.tokens import TokenSource
 
-from .conftest import CompatResponse
+from .conftest import CompatResponse, make_settings
 
 TASK = uuid.UUID("0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70")
 TOKEN = "4b1c1d7e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
@@ -30,8 +30,8 @@ NOW = 1_800_000_000.0
 @pytest.fixture
 async def client() -> AsyncIterator[CoderClient]:
     async with aiohttp.ClientSession() as session:
-        yield CoderClient(session, BASE, TASK, TokenSource(TOKEN, None), timeout_s=0.5,
-                          now=lambda: NOW)
+        settings = make_settings(coder_url=BASE, task_id=TASK, upload_timeout_s=0.5)
+        yield CoderClient(session, settings, TokenSource(TOKEN, None), now=lambda: NOW)
 
 
 def coder_body(message: str, detail: str = "", **extra: Any) -> dict[str, Any]:
@@ -168,7 +168,8 @@ async def test_against_the_coderd_stand_in(coderd: FakeCoderd) -> None:
     task = coderd.add_task()
     async with aiohttp.ClientSession() as session:
         def client(token: str, task_id: uuid.UUID = task) -> CoderClient:
-            return CoderClient(session, coderd.url, task_id, TokenSource(token, None))
+            settings = make_settings(coder_url=coderd.url, task_id=task_id)
+            return CoderClient(session, settings, TokenSource(token, None))
 
         ok = await client(coderd.token).upload(b'{"messages":[{"id":1,"content":"hi",'
                                                b'"role":"user","time":"2026-01-01T00:00:00Z"}]}')

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_sidecar.conversation import Conversation, Message, clean_time, make_message
-from agent_sidecar.snapshot import pack
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
 
 T = "2026-04-10T12:34:56Z"
 
@@ -19,7 +19,7 @@ def m(id_: int, content: str, role: str = "agent") -> Message:
 
 def test_upsert_replaces_the_text_of_an_id() -> None:
     """message_update carries the whole text: it replaces, never appends."""
-    conv = Conversation()
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
     conv.upsert(m(0, "hel"))
     conv.upsert(m(0, "hello"))
     conv.upsert(m(0, "bye"))
@@ -29,7 +29,7 @@ def test_upsert_replaces_the_text_of_an_id() -> None:
 
 def test_replace_drops_stale_messages_after_an_agentapi_restart() -> None:
     """A replay with fewer messages (ids restarted at 0) leaves nothing stale behind."""
-    conv = Conversation()
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
     for i in range(5):
         conv.upsert(m(i, f"old {i}"))
     conv.replace([m(0, "fresh")], "stable")
@@ -39,7 +39,7 @@ def test_replace_drops_stale_messages_after_an_agentapi_restart() -> None:
 
 def test_replace_with_identical_state_is_not_a_change() -> None:
     """A reconnect that replays the same state does not look like new conversation."""
-    conv = Conversation()
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
     conv.replace([m(0, "a"), m(1, "b", "user")], "stable")
     version = conv.version
     conv.replace([m(0, "a"), m(1, "b", "user")], "stable")
@@ -47,16 +47,15 @@ def test_replace_with_identical_state_is_not_a_change() -> None:
 
 
 async def test_status_changes_wake_waiters() -> None:
-    """wait_stable returns once the status becomes stable, and a change wakes wait_changed."""
-    conv = Conversation()
+    """A status change wakes wait_changed; setting the same status again wakes nobody."""
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
     conv.set_status("running")
-    waiter = asyncio.create_task(conv.wait_stable())
     changed = asyncio.create_task(conv.wait_changed(conv.version))
+    conv.set_status("running")
     await asyncio.sleep(0)
-    assert not waiter.done()
+    assert not changed.done()
     conv.set_status("stable")
     async with asyncio.timeout(1):
-        await waiter
         await changed
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
+from standins import FakeAgentAPI, FakeCoderd, hanging
 
 from agent_sidecar.config import Settings
 from agent_sidecar.daemon import Controls, serve
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, hanging
 
 from .sidecar import Sidecar, clean_env
 

@@ -18,37 +18,15 @@ import aiohttp
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from standins import FakeAgentAPI, FakeCoderd
 
 from agent_sidecar.sdnotify import Notifier
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd
 
+from .conftest import Datagrams
 from .sidecar import Sidecar, clean_env
 from .test_daemon import serving, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Datagrams:
-    """A datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address  # as NOTIFY_SOCKET spells it
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
-        self.sock.setblocking(False)
-        self.received: list[str] = []
-
-    async def until(self, line: str, timeout_s: float = 10) -> list[str]:
-        """Receive datagrams until one contains `line`; return all received so far."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout_s):
-            while not any(line in d.splitlines() for d in self.received):
-                data = await loop.sock_recv(self.sock, 4096)
-                self.received.append(data.decode())
-        return self.received
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(params=["path", "abstract"])

@@ -19,14 +19,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from standins import FakeAgentAPI, problem
 
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
 from agent_sidecar.relay import Health, Relay, RelayError, bind_unix
-from agent_sidecar.testing import FakeAgentAPI, problem
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES
 
-from .conftest import until
+from .conftest import make_settings, until
 from .sidecar import clean_env
 
 
@@ -56,7 +57,7 @@ class Env:
     async def synced(self) -> None:
         """Until the follower mirrors the stand-in's status."""
         await until(lambda: self.conv.connected and self.conv.status == self.agent.status,
-                    wake=self.conv.next_change)
+                    wake=self.conv.changed.wait)
 
     def users(self) -> list[str]:
         return [text for kind, text in self.agent.received if kind == "user"]
@@ -64,12 +65,12 @@ class Env:
 
 @pytest.fixture
 async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
-    conv = Conversation()
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    settings = make_settings(agentapi_url=agent.url, send_wait_s=5)
     async with aiohttp.ClientSession() as agent_http:
-        client = AgentAPI(agent_http, agent.url)
-        follower = asyncio.create_task(client.follow(conv, reconnect_initial_s=0.01,
-                                                     reconnect_max_s=0.05))
-        relay = Relay(client, conv, Metrics(), send_wait_s=5,
+        client = AgentAPI(agent_http, settings)
+        follower = asyncio.create_task(client.follow(conv))
+        relay = Relay(client, conv, Metrics(), settings,
                       health=lambda: Health([] if conv.connected else ["agentapi: not connected"]))
         path = short_dir / "run" / "relay.sock"
         await relay.start(path)
@@ -90,7 +91,7 @@ async def test_user_input_waits_for_stable_then_is_delivered(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     send = asyncio.create_task(env.send({"input": "  hello \n"}))
-    await until(lambda: env.relay.busy, wake=env.relay.activity)
+    await until(lambda: env.relay.busy)
     assert not send.done()
     assert env.users() == []
     env.agent.set_status("stable")
@@ -111,9 +112,9 @@ async def test_concurrent_senders_are_delivered_in_arrival_order(env: Env) -> No
     env.agent.set_status("running")
     await env.synced()
     first = asyncio.create_task(env.send({"input": "first"}))
-    await until(lambda: env.relay.busy, wake=env.relay.activity)
+    await until(lambda: env.relay.busy)
     second = asyncio.create_task(env.send({"input": "second"}))
-    await until(lambda: env.relay.waiting == 1, wake=env.relay.activity)
+    await until(lambda: env.relay.waiting == 1)
     env.agent.set_status("stable")
     assert (await first)[0] == 204
     # The simulated agent works on "first"; "second" waits for the next stable.
@@ -127,10 +128,10 @@ async def test_a_sender_that_hangs_up_is_never_delivered(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     gone = asyncio.create_task(env.send({"input": "too late"}))
-    await until(lambda: env.relay.busy, wake=env.relay.activity)
+    await until(lambda: env.relay.busy)
     gone.cancel()  # the client hangs up
     await asyncio.gather(gone, return_exceptions=True)
-    await until(lambda: not env.relay.busy, wake=env.relay.activity)
+    await until(lambda: not env.relay.busy)
     env.agent.set_status("stable")
     assert (await env.send({"input": "on time"}))[0] == 204
     assert env.users() == ["on time"]
@@ -185,7 +186,7 @@ async def test_agentapi_rejection_is_502_with_its_detail(env: Env) -> None:
 async def test_agentapi_unreachable_is_503(env: Env) -> None:
     """With agentapi gone the relay answers 503 rather than hanging."""
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
+    await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
     status, body = await env.send({"input": "hello", "wait_s": 0.3})
     assert status == 503
     assert body["message"] == "agentapi cannot be reached."
@@ -248,6 +249,15 @@ async def test_a_foreign_uid_is_refused(env: Env) -> None:
     status, body = await env.send({"input": "x"})
     assert status == 403
     assert body["detail"] == "peer uid 4242 is not allowed"
+
+
+async def test_a_peer_whose_uid_cannot_be_read_is_refused(env: Env) -> None:
+    """No SO_PEERCRED answer is no proof of identity: the request gets 403, not a pass."""
+    env.relay._uid_of = lambda request: None
+    status, body = await env.send({"input": "x"})
+    assert status == 403
+    assert body["detail"] == "the peer's uid cannot be read"
+    assert env.agent.received == []
 
 
 async def test_peer_credentials_are_read_from_the_socket(env: Env) -> None:
@@ -324,7 +334,7 @@ async def test_shutdown_drains_waiting_senders_with_503(env: Env) -> None:
     env.agent.set_status("running")
     await env.synced()
     waiting = asyncio.create_task(env.send({"input": "pending"}))
-    await until(lambda: env.relay.busy, wake=env.relay.activity)
+    await until(lambda: env.relay.busy)
     env.relay.close()
     status, body = await waiting
     assert status == 503
@@ -340,7 +350,7 @@ async def test_healthz_reports_reasons(env: Env) -> None:
     """/healthz is 200 ok while following, and 503 with reasons when agentapi is gone."""
     assert await env.get("/healthz") == (200, {"status": "ok"})
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
+    await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
     assert await env.get("/healthz") == (503, {"status": "unhealthy",
                                                "reasons": ["agentapi: not connected"]})
 
@@ -381,7 +391,7 @@ async def test_cli_send_waits_then_delivers_exactly_once(env: Env) -> None:
     await env.synced()
     proc = asyncio.create_task(asyncio.to_thread(cli, "send", "--socket", str(env.socket),
                                                  "hello"))
-    await until(lambda: env.relay.busy, wake=env.relay.activity)
+    await until(lambda: env.relay.busy)
     env.agent.set_status("stable")
     done = await proc
     assert done.returncode == 0, done.stderr
@@ -425,6 +435,6 @@ async def test_cli_status_and_check(env: Env) -> None:
     check = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
     assert (check.returncode, check.stdout) == (0, "healthy\n")
     await env.agent.stop()
-    await until(lambda: not env.conv.connected, wake=env.conv.next_change)
+    await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
     sick = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
     assert (sick.returncode, sick.stdout) == (1, "unhealthy: agentapi: not connected\n")

@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from agent_sidecar.testing import FakeAgentAPI, wait_for_file
+from standins import FakeAgentAPI, wait_for_file
 
 from .sidecar import Sidecar, clean_env
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from aiohttp import web
-
-from agent_sidecar.testing import FakeAgentAPI, FakeCoderd, coder_error
+from standins import FakeAgentAPI, FakeCoderd, coder_error
 
 from .sidecar import clean_env
 

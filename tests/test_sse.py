@@ -40,7 +40,7 @@ def test_line_ends_split_anywhere(step: int) -> None:
 @given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=40))
 def test_arbitrary_chunking(cuts: list[int]) -> None:
     """Any split of the stream into chunks yields the same events."""
-    decoder = Decoder()
+    decoder = Decoder(1 << 20)
     out: list[Event | Oversized] = []
     pos = 0
     for cut in cuts:

@@ -13,13 +13,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from standins import FakeCoderd, coder_error
 
 from agent_sidecar.coder import CoderClient
 from agent_sidecar.conversation import Conversation, Message
-from agent_sidecar.snapshot import pack
-from agent_sidecar.testing import FakeCoderd, coder_error
+from agent_sidecar.metrics import Metrics
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
 from agent_sidecar.tokens import TokenSource
-from agent_sidecar.uploader import Policy, Uploader
+from agent_sidecar.uploader import Uploader
+
+from .conftest import make_settings
 
 T = "2026-04-10T12:34:56Z"
 
@@ -56,7 +59,7 @@ class Harness:
         """Until `predicate` holds, re-checked whenever the uploader makes progress."""
         async with asyncio.timeout(timeout_s):
             while not predicate():
-                await self.uploader.progressed()
+                await self.uploader.changed.wait()
 
 
 async def instant(delay: float) -> None:
@@ -74,17 +77,19 @@ async def make(
                         **policy: float) -> Harness:
             task = coderd.add_task()
             tokens = TokenSource(None if token_file else coderd.token, token_file)
-            client = CoderClient(session, coderd.url, task, tokens, timeout_s=timeout_s)
-            conv = Conversation()
+            defaults = {"settle_s": 0.05, "max_staleness_s": 0.5, "retry_initial_s": 1,
+                        "retry_max_s": 8, "rejected_backoff_s": 300}
+            settings = make_settings(coder_url=coderd.url, task_id=task,
+                                     upload_timeout_s=timeout_s, **{**defaults, **policy})
+            client = CoderClient(session, settings, tokens)
+            conv = Conversation(CODERD_MAX_BODY_BYTES)
             sleeps: list[float] = []
 
             async def recording(delay: float) -> None:
                 sleeps.append(delay)
                 await (sleep or asyncio.sleep)(delay)
 
-            defaults = {"settle_s": 0.05, "max_staleness_s": 0.5, "retry_initial_s": 1,
-                        "retry_max_s": 8, "rejected_backoff_s": 300}
-            uploader = Uploader(conv, Policy(**{**defaults, **policy}), client, None,  # type: ignore[arg-type]
+            uploader = Uploader(conv, settings, client, None, Metrics(),
                                 sleep=recording, rng=random.Random(7))
             harness = Harness(coderd, conv, uploader, sleeps)
             harnesses.append(harness)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import aiohttp
 from yarl import URL
 
 from agent_sidecar import logs
+from agent_sidecar.aio import Backoff
+from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation, Message, Status, make_message
 from agent_sidecar.sse import Decoder, Event, Oversized
 
@@ -88,17 +89,25 @@ def problem_detail(body: bytes) -> str:
 
 
 class AgentAPI:
+    """The client of one agentapi (agentapi-protocol.md).
+
+    `follow()` keeps a Conversation in step until cancelled and never raises otherwise; the
+    one-shot calls raise AgentAPIUnavailable (no answer) or AgentAPIError (a wrong answer).
+    It reads its timeouts and back-off from `settings` at each use, so a reload that replaces
+    `settings` takes effect at the next request or reconnect; `agentapi_url` needs a restart.
+    It owns no task and no session: the caller's session is used and left open.
+    """
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        base_url: str,
+        settings: Settings,
         *,
-        max_event_bytes: int = 32 * 1024 * 1024,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self._session = session
-        self._base = URL(base_url)
-        self._max_event_bytes = max_event_bytes
+        self.settings = settings
+        self._base = URL(settings.agentapi_url)
         self._on_event = on_event or (lambda _kind: None)
         self.state = FollowState()
 
@@ -127,25 +136,28 @@ class AgentAPI:
         except ValueError as exc:
             raise AgentAPIError(f"GET {path} answered with invalid JSON") from exc
 
-    async def messages(self, retain_chars: int, timeout_s: float = 10.0) -> list[Message]:
-        data = await self._get_json("/messages", timeout_s)
+    async def messages(self, retain_chars: int) -> list[Message]:
+        """GET /messages, each content cut to its last `retain_chars` characters."""
+        data = await self._get_json("/messages", self.settings.agentapi_timeout_s)
         raw = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(raw, list):
             raise AgentAPIError("GET /messages answered without a messages list")
         parsed = [parse_message(m, "content", retain_chars) for m in raw if isinstance(m, dict)]
         return [m for m in parsed if m is not None]
 
-    async def status(self, timeout_s: float = 10.0) -> Status | None:
-        data = await self._get_json("/status", timeout_s)
+    async def status(self) -> Status | None:
+        """GET /status: "running", "stable", or None for a value this client does not know."""
+        data = await self._get_json("/status", self.settings.agentapi_timeout_s)
         return parse_status(data.get("status") if isinstance(data, dict) else None)
 
-    async def send(self, content: str, kind: str, timeout_s: float = 60.0) -> None:
-        """POST /message. Raises NotStable, AgentAPIError or AgentAPIUnavailable."""
+    async def send(self, content: str, kind: str) -> None:
+        """POST /message, bounded by send_timeout_s. Raises NotStable, AgentAPIError or
+        AgentAPIUnavailable."""
         try:
             async with self._session.post(
                 self._url("/message"),
                 json={"content": content, "type": kind},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                timeout=aiohttp.ClientTimeout(total=self.settings.send_timeout_s),
             ) as resp:
                 body = await resp.read()
                 if resp.status == 200:
@@ -159,16 +171,10 @@ class AgentAPI:
     # -- following ---------------------------------------------------------------------
 
     async def follow(
-        self,
-        conversation: Conversation,
-        *,
-        reconnect_initial_s: float = 0.5,
-        reconnect_max_s: float = 10.0,
-        poll_interval_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
+        self, conversation: Conversation, clock: Callable[[], float] = time.monotonic
     ) -> None:
         """Keep `conversation` in step with agentapi until cancelled. Never returns."""
-        failures = 0
+        backoff = Backoff()
         while True:
             started = clock()
             try:
@@ -177,7 +183,7 @@ class AgentAPI:
             except _NoEvents:
                 self.state.mode = "polling"
                 log.warning("agentapi_no_events", detail="falling back to polling /messages")
-                await self._poll(conversation, poll_interval_s, clock)
+                await self._poll(conversation, clock)
                 self.state.mode = "events"
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError) as exc:
@@ -185,9 +191,9 @@ class AgentAPI:
             conversation.set_connected(False)
             self.state.last_error = reason
             if clock() - started >= HEALTHY_CONNECTION_S:
-                failures = 0
-            delay = random.uniform(0, min(reconnect_max_s, reconnect_initial_s * 2**failures))
-            failures = min(failures + 1, 30)
+                backoff.reset()
+            delay = backoff.next_delay(self.settings.reconnect_initial_s,
+                                       self.settings.reconnect_max_s)
             self.state.reconnects += 1
             self._on_event("reconnect")
             log.warning("agentapi_disconnected", error=reason, retry_in_s=round(delay, 2))
@@ -205,7 +211,7 @@ class AgentAPI:
                 detail = problem_detail(await resp.content.read(2048))
                 raise AgentAPIError(f"GET /events answered {resp.status}: {detail}",
                                     resp.status, detail)
-            decoder = Decoder(self._max_event_bytes)
+            decoder = Decoder(self.settings.max_event_bytes)
             replay: Conversation | None = Conversation(conversation.retain_chars)
             async for chunk in resp.content.iter_any():
                 for event in decoder.feed(chunk):
@@ -251,9 +257,7 @@ class AgentAPI:
             live.set_status(status)
         return None
 
-    async def _poll(
-        self, conversation: Conversation, interval_s: float, clock: Callable[[], float]
-    ) -> None:
+    async def _poll(self, conversation: Conversation, clock: Callable[[], float]) -> None:
         until = clock() + EVENTS_RETRY_S
         while clock() < until:
             try:
@@ -265,7 +269,7 @@ class AgentAPI:
                 conversation.set_connected(False)
                 self.state.last_error = str(exc)
                 log.warning("agentapi_poll_failed", error=str(exc))
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self.settings.poll_interval_s)
 
 
 class _NoEvents(Exception):

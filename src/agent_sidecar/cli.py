@@ -172,27 +172,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _setup_logs(loaded.settings)
 
     def reread() -> Settings:
-        return config.load(_flags(args), config_file=loaded.config_file).settings
+        new = config.load(_flags(args), config_file=loaded.config_file).settings
+        # Logging belongs to main(), not to serve(): the level is applied here. Only the
+        # level: configuring again would also restart the repeat limiter's windows.
+        logs.set_level(new.log_level)
+        return new
 
     async def main() -> int:
         controls = Controls()
-        _install_signals(controls.shutdown.set, controls.reload.set)
+        _install_signals(controls.shutdown.set, controls.force.set, controls.reload.set)
         return await serve(loaded.settings, controls, reload_settings=reread,
                            notifier=Notifier())
 
     return asyncio.run(main())
 
 
-def _install_signals(shutdown: Callable[[], None], reload: Callable[[], None] | None) -> None:
+def _install_signals(shutdown: Callable[[], None], force: Callable[[], None],
+                     reload: Callable[[], None] | None) -> None:
+    """Handlers only set state: the first Ctrl+C or SIGTERM asks for the graceful shutdown,
+    a second Ctrl+C forces it (the final upload is cut short, exit 130)."""
     loop = asyncio.get_running_loop()
     interrupts = 0
 
     def on_sigint() -> None:
         nonlocal interrupts
         interrupts += 1
-        if interrupts > 1:
-            os._exit(EXIT_INTERRUPTED)  # the second Ctrl+C means now, final upload or not
-        shutdown()
+        (force if interrupts > 1 else shutdown)()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, shutdown)
@@ -335,7 +340,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        _install_signals(stop.set, None)
+        _install_signals(stop.set, stop.set, None)
         return await demo(once=args.once, directory=args.dir, stop=stop)
 
     return asyncio.run(main())

@@ -20,6 +20,7 @@ from datetime import UTC
 import aiohttp
 from yarl import URL
 
+from agent_sidecar.config import Settings
 from agent_sidecar.tokens import TokenSource
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -29,6 +30,8 @@ ROUTE_NOT_FOUND = "Route not found."
 
 
 class Result(enum.Enum):
+    """What one upload attempt means for the uploader."""
+
     ACCEPTED = "accepted"
     RETRY = "retry"
     PAYLOAD_REJECTED = "payload_rejected"
@@ -39,6 +42,8 @@ class Result(enum.Enum):
 
 @dataclass(frozen=True)
 class Outcome:
+    """One classified upload attempt: the result, and coderd's (or a proxy's) words."""
+
     result: Result
     status: int | None = None  # None: no HTTP answer (network error, timeout)
     message: str = ""
@@ -97,22 +102,31 @@ def snapshot_url(coder_url: str, task_id: uuid.UUID) -> URL:
 
 
 class CoderClient:
+    """Uploads log snapshots for one task to coderd, one attempt per call.
+
+    `upload()` never raises: every answer, network error and timeout comes back as a
+    classified Outcome. The attempt's timeout is read from `settings.upload_timeout_s` at
+    each call (a live setting); the URL, from `coder_url` and `task_id`, needs a restart.
+    It owns no task and no session.
+    """
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        coder_url: str,
-        task_id: uuid.UUID,
+        settings: Settings,
         tokens: TokenSource,
-        timeout_s: float = 10.0,
         now: Callable[[], float] = time.time,
     ) -> None:
+        if settings.coder_url is None or settings.task_id is None:
+            raise ValueError("a Coder client needs coder_url and task_id")
         self._session = session
-        self.url = snapshot_url(coder_url, task_id)
+        self.settings = settings
+        self.url = snapshot_url(settings.coder_url, settings.task_id)
         self.tokens = tokens
-        self.timeout_s = timeout_s
         self._now = now
 
     async def upload(self, body: bytes) -> Outcome:
+        timeout_s = self.settings.upload_timeout_s
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.tokens.token:
             headers[TOKEN_HEADER] = self.tokens.token
@@ -121,14 +135,14 @@ class CoderClient:
                 self.url,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError:
-            return Outcome(Result.RETRY, message=f"timed out after {self.timeout_s:g}s")
+            return Outcome(Result.RETRY, message=f"timed out after {timeout_s:g}s")
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(Result.RETRY, message=f"network error: {type(exc).__name__}: {exc}")
         return self.classify(status, raw, retry_after)

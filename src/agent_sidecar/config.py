@@ -20,6 +20,8 @@ from pydantic_settings import (
 )
 from yarl import URL
 
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, MIN_SNAPSHOT_BYTES
+
 ENV_PREFIX = "AGENT_SIDECAR_"
 CONFIG_ENV = "AGENT_SIDECAR_CONFIG"
 SECRET_MASK = "**********"  # noqa: S105 - what a secret is shown as
@@ -113,10 +115,11 @@ class Settings(BaseSettings):
         description="Coder task id (a UUID); unset means no uploads",
     )
     max_snapshot_bytes: int = Field(
-        65536,
-        ge=1024,
-        le=65536,
-        description="cap on the encoded snapshot body, 1024..65536",
+        CODERD_MAX_BODY_BYTES,
+        ge=MIN_SNAPSHOT_BYTES,
+        le=CODERD_MAX_BODY_BYTES,
+        description=f"cap on the encoded snapshot body, "
+        f"{MIN_SNAPSHOT_BYTES}..{CODERD_MAX_BODY_BYTES}",
     )
     sink_dir: Path | None = Field(
         None,
@@ -177,9 +180,17 @@ class Settings(BaseSettings):
         32 * 1024 * 1024, ge=65536,
         description="larger SSE events from agentapi are dropped",
     )
+    agentapi_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="timeout of one agentapi GET /status or /messages",
+    )
     send_wait_s: float = Field(
         30, ge=0, le=3600,
         description="default wait for the agent to be stable before relaying input",
+    )
+    send_timeout_s: float = Field(
+        60, gt=0, le=3600,
+        description="bound on one agentapi POST /message once it is written",
     )
     metrics_addr: str | None = Field(
         None,
@@ -239,12 +250,6 @@ class Settings(BaseSettings):
     @property
     def sink_name(self) -> str:
         return f"{self.task_id}.json" if self.task_id else "local.json"
-
-
-# Settings that a running daemon cannot change without a restart (sockets, sessions).
-RESTART_REQUIRED = frozenset(
-    {"agentapi_url", "coder_url", "task_id", "socket", "metrics_addr", "log_format", "sink_dir"}
-)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ the same reason only the last `retain_chars` characters of any message are kept.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
+
+from agent_sidecar.aio import Pulse
 
 Status = Literal["running", "stable"]
 SENT_ROLES = frozenset({"user", "agent"})
@@ -29,6 +30,8 @@ _RFC3339 = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One agentapi message as the sidecar keeps it; `time` is RFC 3339 with a zone."""
+
     id: int
     role: str
     content: str
@@ -53,9 +56,14 @@ def make_message(id_: int, role: str, content: str, time_: object, retain_chars:
 
 
 class Conversation:
-    """The latest known state of agentapi's conversation. Single event loop, no locks."""
+    """The latest known state of agentapi's conversation. Single event loop, no locks.
 
-    def __init__(self, retain_chars: int = 65536,
+    Owns the messages by id (pruned to what a snapshot of `retain_chars` bytes can still
+    use), the agent's status, whether the follower is connected, and `changed`, a Pulse
+    notified on every change; `version` is its version. Raises nothing; holds no tasks.
+    """
+
+    def __init__(self, retain_chars: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.retain_chars = retain_chars
         self._clock = clock
@@ -66,26 +74,22 @@ class Conversation:
         self.has_user = False  # any user message, pruned ones included
         self.status: Status | None = None
         self.connected = False  # the follower has agentapi's current state
-        self.version = 0
+        self.changed = Pulse()
         self.changed_at = clock()
-        self._changed = asyncio.Event()
-        self._stable = asyncio.Event()
 
     # -- reading ---------------------------------------------------------------------
 
     def messages(self) -> list[Message]:
         return list(self._messages.values())
 
+    @property
+    def version(self) -> int:
+        """Bumped by every change."""
+        return self.changed.version
+
     async def wait_changed(self, since_version: int) -> None:
-        while self.version == since_version:
-            await self._changed.wait()
-
-    async def next_change(self) -> None:
-        """Until the next change from now."""
-        await self.wait_changed(self.version)
-
-    async def wait_stable(self) -> None:
-        await self._stable.wait()
+        """Until the conversation changes after `since_version`."""
+        await self.changed.wait(since_version)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -116,10 +120,6 @@ class Conversation:
         if status == self.status:
             return
         self.status = status
-        if status == "stable":
-            self._stable.set()
-        else:
-            self._stable.clear()
         self._bump()
 
     def set_connected(self, connected: bool) -> None:
@@ -154,10 +154,8 @@ class Conversation:
             self._floor = first_id + 1
 
     def _bump(self) -> None:
-        self.version += 1
         self.changed_at = self._clock()
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.changed.notify()
 
 
 def _weight(message: Message) -> int:

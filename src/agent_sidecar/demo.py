@@ -10,10 +10,11 @@ from pathlib import Path
 import aiohttp
 
 from agent_sidecar import logs
+from agent_sidecar.aio import first_of
 from agent_sidecar.config import Settings
 from agent_sidecar.daemon import Controls, serve
+from agent_sidecar.simulator import SimulatedAgentAPI
 from agent_sidecar.snapshot import Packed
-from agent_sidecar.testing import FakeAgentAPI
 
 PROMPT = "Summarise what this repository does, in three bullet points."
 
@@ -40,7 +41,7 @@ async def demo(*, once: bool, directory: Path | None, stop: asyncio.Event) -> in
     directory = directory or Path(tempfile.mkdtemp(prefix="agent-sidecar-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     logs.configure("warning", "console" if sys.stderr.isatty() else "json")
-    agent = FakeAgentAPI(reply=_reply, chunks=10, chunk_delay_s=0.08, stable_after_s=0.6)
+    agent = SimulatedAgentAPI(reply=_reply, chunks=10, chunk_delay_s=0.08, stable_after_s=0.6)
     agent.messages[0].content = "Simulated agent ready. Waiting for a prompt."
     snapshots: asyncio.Queue[Packed] = asyncio.Queue()
 
@@ -62,9 +63,7 @@ async def demo(*, once: bool, directory: Path | None, stop: asyncio.Event) -> in
         controls = Controls()
         daemon = asyncio.create_task(serve(settings, controls, on_snapshot=on_snapshot))
         try:
-            ready = asyncio.create_task(controls.ready.wait())
-            await asyncio.wait({ready, daemon}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
+            await first_of(controls.ready.wait(), daemon)
             if daemon.done():
                 return daemon.result() or 1
             _say(f"simulated agentapi  {agent.url}")
@@ -88,9 +87,7 @@ async def demo(*, once: bool, directory: Path | None, stop: asyncio.Event) -> in
             _say("running until Ctrl+C; try another prompt from a second terminal:")
             _say(f"  agent-sidecar send --socket {settings.socket} 'hello'")
             _say(f"  agent-sidecar status --socket {settings.socket}")
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({stopper, daemon}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
+            await first_of(stop.wait(), daemon)
             return 0
         finally:
             controls.shutdown.set()

@@ -21,6 +21,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
+    """Every metric the sidecar exports, on a registry of its own. Raises nothing."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -64,6 +66,10 @@ class Metrics:
         self.relay_requests = Counter(
             "agent_sidecar_relay_requests", "Relay socket requests by path and status code.",
             ["path", "code"], registry=r,
+        )
+        self.component_restarts = Counter(
+            "agent_sidecar_component_restarts",
+            "Components restarted after an unexpected exception.", ["component"], registry=r,
         )
         self.sink_errors = Counter(
             "agent_sidecar_sink_errors", "Failed writes to the sink directory.", registry=r

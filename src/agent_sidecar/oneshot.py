@@ -6,37 +6,31 @@ import asyncio
 import sys
 from pathlib import Path
 
-import aiohttp
-
-from agent_sidecar import logs
-from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable
-from agent_sidecar.coder import CoderClient
+from agent_sidecar.agentapi import AgentAPIError, AgentAPIUnavailable
 from agent_sidecar.config import ConfigError, Settings
-from agent_sidecar.conversation import Conversation
-from agent_sidecar.daemon import RETAIN_CHARS, policy_of
+from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.snapshot import pack
-from agent_sidecar.tokens import TokenError, TokenSource
-from agent_sidecar.uploader import Uploader
-
-log = logs.get("snapshot")
 
 
 async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
                    timeout_s: float) -> int:
-    """Exit code: 0 done, 1 agentapi unreachable or the upload failed; ConfigError if unset."""
-    tokens = None
-    if upload:
-        if reason := settings.uploads_disabled_reason:
-            raise ConfigError(f"cannot upload: {reason}")
+    """Exit code: 0 done, 1 agentapi unreachable or the upload failed.
+
+    Raises ConfigError when uploading is asked for but not configured, or the token file
+    cannot be read. Uses the daemon's own pipeline: the same client, packer and retries.
+    """
+    if upload and (reason := settings.uploads_disabled_reason):
+        raise ConfigError(f"cannot upload: {reason}")
+    # Only what this command does: no sink, and no token unless it uploads.
+    only = {"sink_dir": None} if upload else {"sink_dir": None, "coder_url": None}
+    try:
+        pipeline = Pipeline(settings.model_copy(update=only))
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
+    async with pipeline:
+        conversation = pipeline.conversation
         try:
-            token = settings.coder_token.get_secret_value() if settings.coder_token else None
-            tokens = TokenSource(token, settings.coder_token_file)
-        except TokenError as exc:
-            raise ConfigError(str(exc)) from None
-    async with aiohttp.ClientSession() as session:
-        agentapi = AgentAPI(session, settings.agentapi_url)
-        try:
-            messages = await agentapi.messages(RETAIN_CHARS)
+            messages = await pipeline.agentapi.messages(conversation.retain_chars)
         except (AgentAPIUnavailable, AgentAPIError) as exc:
             print(f"agent-sidecar: cannot read the conversation: {exc}", file=sys.stderr)
             return 1
@@ -48,18 +42,12 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
             sys.stdout.flush()
         if not upload:
             return 0
-        assert tokens is not None
-        assert settings.coder_url is not None
-        assert settings.task_id is not None
-        conversation = Conversation(RETAIN_CHARS)
         conversation.replace(messages, None)
-        client = CoderClient(session, settings.coder_url, settings.task_id, tokens,
-                             settings.upload_timeout_s)
-        uploader = Uploader(conversation, policy_of(settings), client, sink=None)
         if not conversation.has_user:
             print("agent-sidecar: nothing uploaded: the conversation has no user message, "
                   "and uploading it would replace the stored history", file=sys.stderr)
             return 0
+        uploader = pipeline.uploader
         try:
             async with asyncio.timeout(timeout_s):
                 delivered = await uploader.flush()

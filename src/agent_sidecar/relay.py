@@ -25,6 +25,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent_sidecar import logs
 from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable, NotStable
+from agent_sidecar.aio import first_of
+from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import CONTENT_TYPE, Metrics
 
@@ -141,13 +143,22 @@ class _Runner(web.AppRunner):
 
 
 class Relay:
+    """The relay's HTTP API on a private Unix socket: /send, /status, /healthz, /metrics.
+
+    `start()` binds the socket (RelayError if it cannot be served) and serves it from
+    aiohttp's own tasks; `close()` stops taking sends; `stop()` closes the socket and removes
+    its file. A handler never raises: failures are answered in Coder's error shape. A client
+    that hangs up cancels its handler, and with it an input that has not been forwarded yet.
+    `send_wait_s` and `send_timeout_s` are read from `settings` at each request.
+    """
+
     def __init__(
         self,
         agentapi: AgentAPI,
         conversation: Conversation,
         metrics: Metrics,
+        settings: Settings,
         *,
-        send_wait_s: float = 30.0,
         status: Callable[[], dict[str, Any]] = dict,
         health: Callable[[], Health] = Health,
         uid_of: Callable[[web.Request], int | None] = peer_uid,
@@ -155,14 +166,13 @@ class Relay:
         self.agentapi = agentapi
         self.conversation = conversation
         self.metrics = metrics
-        self.send_wait_s = send_wait_s
+        self.settings = settings
         self._status = status
         self._health = health
         self._uid_of = uid_of
         self._allowed_uids = {0, os.getuid()}
         self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
         self.waiting = 0  # sends queued behind the one being served
-        self._activity = asyncio.Event()
         self.closing = False
         self._closed = asyncio.Event()
         self.path: Path | None = None
@@ -194,14 +204,6 @@ class Relay:
     def busy(self) -> bool:
         """A send is being served (waiting for stable, or being forwarded)."""
         return self._lock.locked()
-
-    async def activity(self) -> None:
-        """Until the queue changes: a send arrives, is served, or leaves."""
-        await self._activity.wait()
-
-    def _notify(self) -> None:
-        self._activity.set()
-        self._activity = asyncio.Event()
 
     def close(self) -> None:
         """Stop taking new sends; requests waiting for their turn are answered 503."""
@@ -249,10 +251,12 @@ class Relay:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         uid = self._uid_of(request)
-        if uid is not None and uid not in self._allowed_uids:
+        if uid is None or uid not in self._allowed_uids:
+            # No uid is no proof: a peer we cannot identify is refused like a stranger.
             log.warning("relay_peer_refused", uid=uid)
             return error(403, "This socket only serves its own user and root.",
-                         f"peer uid {uid} is not allowed")
+                         "the peer's uid cannot be read" if uid is None
+                         else f"peer uid {uid} is not allowed")
         if "Origin" in request.headers:
             # Browsers send Origin; nothing legitimate on this socket is a web page.
             return error(403, "Requests from web pages are refused.",
@@ -264,24 +268,21 @@ class Relay:
     async def _send(self, request: web.Request) -> web.Response:
         if self.closing:
             return error(503, "The sidecar is shutting down.", "retry against its successor")
-        parsed = _parse_send(await request.read(), self.send_wait_s)
+        parsed = _parse_send(await request.read(), self.settings.send_wait_s)
         if isinstance(parsed, web.Response):
             return parsed
         text, kind, wait_s = parsed
         self.waiting += 1
-        self._notify()
         try:
             async with asyncio.timeout(wait_s) as budget:
                 try:
                     await self._lock.acquire()
                 finally:
                     self.waiting -= 1
-                    self._notify()
                 try:
                     await self._deliver(text, kind, budget)
                 finally:
                     self._lock.release()
-                    self._notify()
         except TimeoutError:
             if not self.conversation.connected:
                 return error(503, "agentapi cannot be reached.",
@@ -326,13 +327,7 @@ class Relay:
 
     async def _wait_change(self, version: int) -> None:
         """Until the conversation changes or the relay closes."""
-        changed = asyncio.ensure_future(self.conversation.wait_changed(version))
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            changed.cancel()
-            closed.cancel()
+        await first_of(self.conversation.wait_changed(version), self._closed.wait())
 
     async def _forward(self, text: str, kind: str) -> None:
         # Once a POST has started it is finished even if our client hangs up: agentapi

@@ -16,6 +16,12 @@ log = logs.get("sdnotify")
 
 
 class Notifier:
+    """Speaks sd_notify to the socket in NOTIFY_SOCKET; without one every call is a no-op.
+
+    `send()` never raises (a lost datagram is logged at debug). `watchdog()` pings until
+    cancelled, and returns at once when systemd asked for no watchdog.
+    """
+
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET", "")

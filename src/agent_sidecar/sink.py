@@ -9,6 +9,9 @@ from pathlib import Path
 
 
 class Sink:
+    """Writes each new snapshot to `<directory>/<name>` atomically (temp file, fsync,
+    rename). `write()` never raises: a failure is kept in `error` and returned as False."""
+
     def __init__(self, directory: Path, name: str) -> None:
         self.path = directory / name
         self._last: bytes | None = None

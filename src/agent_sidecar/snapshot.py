@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 from agent_sidecar.conversation import SENT_ROLES, Message
 
+# coderd reads the body through http.MaxBytesReader(64*1024): one byte more is refused
+# (coder-contract.md §4, coderd/aitasks.go taskSnapshotMaxSize).
+CODERD_MAX_BODY_BYTES = 64 * 1024
+# Below this a snapshot holds too little to be worth the request.
+MIN_SNAPSHOT_BYTES = 1024
+
 _HEAD = b'{"messages":['
 _FOOT = b"]}"
 # Below this many bytes of room, a tail is more noise than history.
@@ -20,6 +26,8 @@ MIN_TAIL_BYTES = 256
 
 @dataclass(frozen=True, slots=True)
 class Packed:
+    """One snapshot body, ready to upload, with what it holds."""
+
     body: bytes
     messages: int  # messages in the body, the truncated one included
     truncated: bool  # the oldest message in the body is a tail

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One dispatched SSE event: its `event:` type and its joined `data:` lines."""
+
     type: str
     data: str
 
@@ -24,7 +26,10 @@ class Oversized:
 
 
 class Decoder:
-    def __init__(self, max_event_bytes: int = 32 * 1024 * 1024) -> None:
+    """Feed it bytes, get events. Holds at most about `max_event_bytes` of one event; larger
+    events come out as `Oversized` and are skipped. Raises nothing on any input."""
+
+    def __init__(self, max_event_bytes: int) -> None:
         self._max = max_event_bytes
         self._buf = bytearray()
         self._scan = 0  # bytes of _buf already known to hold no line end

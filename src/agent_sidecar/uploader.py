@@ -12,53 +12,50 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from agent_sidecar import logs
+from agent_sidecar.aio import Backoff, Pulse, first_of
 from agent_sidecar.coder import CoderClient, Outcome, Result
+from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
 from agent_sidecar.sink import Sink
-from agent_sidecar.snapshot import Packed, pack
+from agent_sidecar.snapshot import MIN_SNAPSHOT_BYTES, Packed, pack
 
 log = logs.get("uploader")
 
-MIN_CAP_BYTES = 1024
 PERSISTENT_FAILURES = 3  # consecutive failed attempts before /healthz says so
 
 
-@dataclass(frozen=True)
-class Policy:
-    max_snapshot_bytes: int = 65536
-    settle_s: float = 0.5
-    max_staleness_s: float = 10.0
-    retry_initial_s: float = 1.0
-    retry_max_s: float = 60.0
-    rejected_backoff_s: float = 300.0
-
-
 class Uploader:
+    """Keeps coderd (and the sink) holding the newest snapshot of one Conversation.
+
+    `run()` uploads as the policy in `settings` says until cancelled; it never raises
+    anything else. `flush()` is the final upload; it returns whether the newest state is
+    held, and a cancel stops it mid-attempt. Policy numbers are read from `settings` at each
+    use, so `reconfigure()` takes effect at once. `changed` is notified whenever the state
+    that /status shows changes. It owns no task.
+    """
+
     def __init__(
         self,
         conversation: Conversation,
-        policy: Policy,
+        settings: Settings,
         client: CoderClient | None,
         sink: Sink | None,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         *,
-        disabled_reason: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         on_packed: Callable[[Packed, str], None] | None = None,
     ) -> None:
         self.conversation = conversation
-        self.policy = policy
+        self.settings = settings
         self.client = client
         self.sink = sink
-        self.metrics = metrics or Metrics()
-        self.disabled_reason = disabled_reason
-        self.cap = policy.max_snapshot_bytes
+        self.metrics = metrics
+        self.cap = settings.max_snapshot_bytes
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -72,21 +69,20 @@ class Uploader:
         self.last_outcome: str | None = None
         self.last_success_unix: float | None = None
         self.consecutive_failures = 0
-        self.attempts = 0
-        self._progress = asyncio.Event()
+        self.attempts = 0  # started
+        self.outcomes = 0  # finished, with an outcome
+        self.changed = Pulse()
 
     @property
     def synced_version(self) -> int:
         """The conversation version the last finished sync covered."""
         return self._synced_version
 
-    async def progressed(self) -> None:
-        """Until the next recorded outcome or finished sync (for status watchers and tests)."""
-        await self._progress.wait()
-
-    def _notify(self) -> None:
-        self._progress.set()
-        self._progress = asyncio.Event()
+    def reconfigure(self, settings: Settings) -> None:
+        """Use new policy settings from now on; a new cap replaces any shrunken one."""
+        if settings.max_snapshot_bytes != self.settings.max_snapshot_bytes:
+            self.cap = settings.max_snapshot_bytes
+        self.settings = settings
 
     @property
     def enabled(self) -> bool:
@@ -132,10 +128,10 @@ class Uploader:
 
     def _due(self) -> float:
         assert self._dirty_since is not None
-        stale = self._dirty_since + self.policy.max_staleness_s
+        stale = self._dirty_since + self.settings.max_staleness_s
         if self.conversation.status == "running":
             return stale
-        return min(self.conversation.changed_at + self.policy.settle_s, stale)
+        return min(self.conversation.changed_at + self.settings.settle_s, stale)
 
     async def flush(self) -> bool:
         """The final upload from memory, retried until the caller's deadline.
@@ -146,6 +142,7 @@ class Uploader:
         if not self.has_destination:
             return True
         if self._synced_version == self.conversation.version and self.state in ("ok", "idle"):
+            await self._mirror()  # a shutdown may have cut the sink's copy short
             return True
         log.info("final_flush", messages=self.conversation.count)
         return await self._sync(final=True)
@@ -153,7 +150,7 @@ class Uploader:
     # -- one sync: pack, deliver, retry until done -------------------------------------
 
     async def _sync(self, final: bool) -> bool:
-        retries = 0
+        backoff = Backoff(self._rng)
         while True:
             version = self.conversation.version
             started = self._clock()
@@ -171,7 +168,7 @@ class Uploader:
             self.metrics.snapshot_messages.set(packed.messages)
             if packed.truncated:
                 self.metrics.truncations.inc()
-            if retries:
+            if backoff.failures:
                 self.metrics.upload_retries.inc()
             outcome = await self._deliver(packed)
             self._record(outcome)
@@ -180,13 +177,11 @@ class Uploader:
                 self.last_accepted = packed.body
                 self._on_packed(packed, "uploaded" if self.client else "written")
                 self._mark_synced(version, started)
-                if self.client and self.sink and not await self.sink.write(packed.body):
-                    self.metrics.sink_errors.inc()
-                    log.warning("sink_write_failed", error=self.sink.error)
+                await self._mirror()
                 return True
             if result is Result.PAYLOAD_REJECTED:
-                if outcome.too_large and self.cap > MIN_CAP_BYTES:
-                    self.cap = max(MIN_CAP_BYTES, min(self.cap, packed.size) * 7 // 8)
+                if outcome.too_large and self.cap > MIN_SNAPSHOT_BYTES:
+                    self.cap = max(MIN_SNAPSHOT_BYTES, min(self.cap, packed.size) * 7 // 8)
                     log.warning("snapshot_too_large", new_cap_bytes=self.cap,
                                 detail=outcome.detail)
                     continue
@@ -194,8 +189,10 @@ class Uploader:
                 self._mark_synced(version, started)
                 return False
             if result is Result.RETRY:
-                delay = self._backoff(retries, outcome.retry_after_s)
-                retries += 1
+                delay = backoff.next_delay(self.settings.retry_initial_s,
+                                           self.settings.retry_max_s)
+                if outcome.retry_after_s is not None:
+                    delay = max(delay, min(outcome.retry_after_s, self.settings.retry_max_s))
                 await self._pause(delay, None)
                 continue
             # Token or task rejected: nothing will change soon; wait long, or for a new token.
@@ -208,7 +205,15 @@ class Uploader:
                 if tokens.reload():
                     continue  # the file already holds a new token: try it now
                 wake = tokens.changed  # a rewrite noticed by the watcher ends the wait
-            await self._pause(self.policy.rejected_backoff_s, wake)
+            await self._pause(self.settings.rejected_backoff_s, wake)
+
+    async def _mirror(self) -> None:
+        """With Coder and a sink, the sink mirrors what coderd accepted."""
+        if self.client is None or self.sink is None or self.last_accepted is None:
+            return
+        if not await self.sink.write(self.last_accepted):
+            self.metrics.sink_errors.inc()
+            log.warning("sink_write_failed", error=self.sink.error)
 
     async def _deliver(self, packed: Packed) -> Outcome:
         self.attempts += 1
@@ -223,33 +228,21 @@ class Uploader:
         self.metrics.upload_duration.observe(time.perf_counter() - started)
         return outcome
 
-    def _backoff(self, retries: int, retry_after_s: float | None) -> float:
-        cap = self.policy.retry_max_s
-        delay = self._rng.uniform(0, min(cap, self.policy.retry_initial_s * 2**retries))
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, cap))
-        return delay
-
     async def _pause(self, delay: float, wake: asyncio.Event | None) -> None:
         if wake is None:
             await self._sleep(delay)
-            return
-        sleeper = asyncio.ensure_future(self._sleep(delay))
-        waiter = asyncio.ensure_future(wake.wait())
-        try:
-            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waiter.cancel()
+        else:
+            await first_of(self._sleep(delay), wake.wait())
 
     def _mark_synced(self, version: int, started: float) -> None:
         self._synced_version = version
         # Changes that landed during the attempt are not in it: they count from its start.
         self._dirty_since = started if self.conversation.version != version else None
-        self._notify()
+        self.changed.notify()
 
     def _record(self, outcome: Outcome) -> None:
-        self._notify()
+        self.outcomes += 1
+        self.changed.notify()
         self.metrics.uploads.labels(result=outcome.result.value).inc()
         if outcome.result is Result.ACCEPTED:
             self.last_outcome = "accepted"

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-
-from agent_sidecar.testing import (
+from standins import (
     FakeAgentAPI,
     FakeCoderd,
     coder_error,
@@ -29,6 +28,7 @@ from agent_sidecar.testing import (
     sse_event,
     wait_for_file,
 )
+
 from tests.sidecar import Sidecar, clean_env
 
 pytestmark = pytest.mark.faults

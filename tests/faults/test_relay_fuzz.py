@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from standins import FakeAgentAPI
 
-from agent_sidecar.testing import FakeAgentAPI
 from tests.sidecar import clean_env
 
 pytestmark = pytest.mark.faults

@@ -1,0 +1,209 @@
+"""The pipeline: every component of the sidecar, built once from Settings.
+
+    agentapi /events -> follower -> conversation -> uploader -> Coder client -> coderd
+                                       ^                  \\-> sink
+    relay socket /send -> relay -------/-> agentapi POST /message
+
+`Pipeline` builds the components and holds them; it runs nothing. `daemon.serve()` runs
+them, `snapshot --upload` uses the uploader once, and the demo, the benchmarks and the
+tests build it the same way. It also owns what reads across components: `status()`,
+`health()`, the systemd status line, and `reload()`, with the explicit set of settings that
+can change while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from agent_sidecar import __version__, logs
+from agent_sidecar.agentapi import AgentAPI
+from agent_sidecar.coder import CoderClient
+from agent_sidecar.config import Settings
+from agent_sidecar.conversation import Conversation
+from agent_sidecar.metrics import Metrics
+from agent_sidecar.relay import Health, Relay
+from agent_sidecar.sink import Sink
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
+from agent_sidecar.tokens import TokenError, TokenSource
+from agent_sidecar.uploader import Uploader
+
+log = logs.get("pipeline")
+
+# Settings that take effect while running: every component reads them at each use.
+# max_event_bytes applies from the next agentapi connection.
+LIVE_SETTINGS = frozenset({
+    "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
+    "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
+    "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
+    "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+})
+# Settings of the process, not of the pipeline: the program that owns logging applies them
+# (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging.
+PROCESS_SETTINGS = frozenset({"log_level", "log_format"})
+
+
+class StartupError(Exception):
+    """The sidecar cannot start with this configuration or environment (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload did with each changed setting."""
+
+    applied: list[str]  # in effect now
+    need_restart: list[str]  # kept at their old values until a restart
+    for_process: list[str]  # left to the program that owns the process (logging)
+
+
+class Pipeline:
+    """Every component, built once from `settings`; see the module docstring.
+
+    Construct it inside a running event loop (it opens two aiohttp sessions) and close it
+    with `aclose()` or `async with`. Raises StartupError when the token file cannot be read.
+    It starts no task and binds no socket: `serve()` does both. `on_snapshot(packed, how)`
+    is called after each snapshot coderd (or, without Coder, the sink) accepted.
+    """
+
+    def __init__(self, settings: Settings, *,
+                 on_snapshot: Callable[[Packed, str], None] | None = None) -> None:
+        self.settings = settings
+        self.started = time.monotonic()
+        self.metrics = Metrics()
+        # A snapshot never holds more characters than coderd's byte limit.
+        self.conversation = Conversation(CODERD_MAX_BODY_BYTES)
+        self.metrics.sse_connected.set_function(lambda: float(self.conversation.connected))
+        self.tokens = _token_source(settings)
+        self.sink = Sink(settings.sink_dir, settings.sink_name) if settings.sink_dir else None
+        # Two sessions: agentapi's long-lived stream must never hold up an upload.
+        self.agent_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.agentapi_timeout_s))
+        self.coder_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upload_timeout_s))
+        self.agentapi = AgentAPI(self.agent_http, settings,
+                                 on_event=self.metrics.on_follow_event)
+        self.coder = (CoderClient(self.coder_http, settings, self.tokens)
+                      if self.tokens is not None else None)
+        self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
+                                 self.metrics, on_packed=on_snapshot)
+        self.relay = Relay(self.agentapi, self.conversation, self.metrics, settings,
+                           status=self.status, health=self.health)
+
+    async def aclose(self) -> None:
+        await self.agent_http.close()
+        await self.coder_http.close()
+
+    async def __aenter__(self) -> Pipeline:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- what the relay serves -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """GET /status: what every component is doing. Never holds the token."""
+        up = self.uploader
+        last = (datetime.fromtimestamp(up.last_success_unix, UTC).isoformat()
+                if up.last_success_unix else None)
+        follow = self.agentapi.state
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "shutting_down": self.relay.closing,
+            "agentapi": {
+                "url": self.settings.agentapi_url,
+                "connected": self.conversation.connected,
+                "mode": follow.mode,
+                "agent_status": self.conversation.status,
+                "messages": self.conversation.count,
+                "reconnects": follow.reconnects,
+                "last_error": follow.last_error,
+            },
+            "uploads": {
+                "enabled": up.client is not None,
+                "disabled_reason": self.settings.uploads_disabled_reason,
+                "state": up.state,
+                "last_success_at": last,
+                "last_outcome": up.last_outcome,
+                "consecutive_failures": up.consecutive_failures,
+                "attempts": up.attempts,
+                "cap_bytes": up.cap,
+            },
+            "sink": {
+                "path": str(self.sink.path) if self.sink else None,
+                "error": self.sink.error if self.sink else None,
+            },
+            "relay": {
+                "socket": str(self.settings.socket),
+                "send_wait_s": self.settings.send_wait_s,
+                "send_timeout_s": self.settings.send_timeout_s,
+            },
+        }
+
+    def health(self) -> Health:
+        """GET /healthz: critical reasons make it 503; degraded ones are reported with 200."""
+        health = Health()
+        if not self.conversation.connected:
+            why = self.agentapi.state.last_error or "starting"
+            health.critical.append(f"agentapi: not connected ({why})")
+        if failing := self.uploader.failing:
+            health.critical.append(failing)
+        if self.sink and self.sink.error:
+            # The sink mirrors snapshots for people; its failure must not get us restarted.
+            health.degraded.append(f"sink: {self.sink.error}")
+        return health
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        conv, up = self.conversation, self.uploader
+        if not conv.connected and conv.status is None:
+            return f"waiting for agentapi at {self.settings.agentapi_url}"
+        following = "following agentapi" if conv.connected else "agentapi unreachable"
+        uploads = f"uploads {up.state}" if up.client is not None else "uploads off"
+        return (f"{following}, {conv.count} messages, "
+                f"agent {conv.status or 'unknown'}, {uploads}")
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self, new: Settings) -> Reloaded:
+        """Apply the live settings of `new` to every component; keep the others as they are.
+
+        Also re-reads the token file. Logs and returns what was done with each change.
+        """
+        if self.tokens is not None:
+            self.tokens.reload()
+        old = self.settings
+        changed = [n for n in Settings.model_fields if getattr(new, n) != getattr(old, n)]
+        applied = sorted(n for n in changed if n in LIVE_SETTINGS)
+        for_process = sorted(n for n in changed if n in PROCESS_SETTINGS)
+        need_restart = sorted(set(changed) - set(applied) - set(for_process))
+        effective = old.model_copy(update={n: getattr(new, n) for n in applied})
+        self.settings = effective
+        self.agentapi.settings = effective
+        if self.coder is not None:
+            self.coder.settings = effective
+        self.uploader.reconfigure(effective)
+        self.relay.settings = effective
+        log.info("config_reloaded", applied=applied, need_restart=need_restart,
+                 for_process=for_process)
+        return Reloaded(applied, need_restart, for_process)
+
+
+def _token_source(settings: Settings) -> TokenSource | None:
+    if settings.uploads_disabled_reason is not None:
+        return None
+    token = settings.coder_token.get_secret_value() if settings.coder_token else None
+    try:
+        return TokenSource(token, settings.coder_token_file)
+    except TokenError as exc:
+        raise StartupError(str(exc)) from None

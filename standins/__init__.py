@@ -1,0 +1,35 @@
+"""Stand-ins for agentapi and coderd, for the tests, the benchmarks, CI and deploy/test.
+
+Not part of the wheel: the product ships only the simulated agent that `demo` runs on
+(`agent_sidecar.simulator`). These add what a test needs on top of it: fault knobs,
+scripted answers, and coderd's log-snapshot endpoint checked in coderd's order.
+"""
+
+from standins.agentapi import (
+    STABILIZE_FAILURE,
+    VERSIONS,
+    FakeAgentAPI,
+    FakeMessage,
+    Version,
+    now_rfc3339,
+    problem,
+    sse_event,
+)
+from standins.coderd import FakeCoderd, Upload, coder_error
+from standins.waiting import hanging, wait_for_file
+
+__all__ = [
+    "STABILIZE_FAILURE",
+    "VERSIONS",
+    "FakeAgentAPI",
+    "FakeCoderd",
+    "FakeMessage",
+    "Upload",
+    "Version",
+    "coder_error",
+    "hanging",
+    "now_rfc3339",
+    "problem",
+    "sse_event",
+    "wait_for_file",
+]
