@@ -104,6 +104,15 @@ def test_set_level_moves_both_thresholds_at_once(stream: io.StringIO) -> None:
     assert [line["event"] for line in lines(stream)] == ["heard", "lib_heard", "lib_error"]
 
 
+def test_set_level_keeps_the_repeat_limiter_s_windows(stream: io.StringIO) -> None:
+    """A live level change does not let through the repeats the limiter is holding back."""
+    logs.configure("info", "json", stream=stream, limiter=frozen())
+    logs.get("t").warning("agentapi_disconnected", error="refused")
+    logs.set_level("debug")
+    logs.get("t").warning("agentapi_disconnected", error="refused")
+    assert [line["event"] for line in lines(stream)] == ["agentapi_disconnected"]
+
+
 def test_configuring_again_replaces_the_handler(stream: io.StringIO) -> None:
     """A second configure() (tests, a reload) never doubles lines or writes to the old stream."""
     old = io.StringIO()
