@@ -93,6 +93,45 @@ def test_bare_field_names_are_not_environment_variables(monkeypatch: pytest.Monk
     assert s.settle_s == 0.5
 
 
+@pytest.mark.parametrize("env", ["agent_sidecar_settle_s", "AGENT_SIDECAR_settle_s",
+                                 "Agent_Sidecar_Settle_S", "agent_sidecar_socket"])
+def test_only_the_documented_spelling_is_read(env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable is read by its documented name and case only; other spellings are ignored."""
+    monkeypatch.setenv(env, "/x.sock" if env.endswith("socket") else "9")
+    loaded = config.load()
+    assert loaded.settings.settle_s == 0.5
+    assert str(loaded.settings.socket) != "/x.sock"
+    assert set(loaded.origins.values()) == {"default"}
+
+
+def test_a_coder_variable_is_named_in_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CODER_AGENT_URL=file:///x is refused in one line naming CODER_AGENT_URL as the source,
+    with the expected form."""
+    monkeypatch.setenv("CODER_AGENT_URL", "file:///x")
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    assert str(err.value) == (
+        "invalid coder_url (from env CODER_AGENT_URL): must be an http(s) URL with a host, "
+        "like https://coder.example.com/; expected: Coder access URL; unset means no uploads")
+
+
+# Settings whose type takes any text, so that "bogus" is not an error for them.
+_TAKES_ANY_TEXT = {"coder_token", "coder_token_file", "sink_dir", "socket"}
+
+
+@pytest.mark.parametrize(("name", "env"), [
+    (name, env) for name in config.Settings.model_fields if name not in _TAKES_ANY_TEXT
+    for env in config.env_names(name)])
+def test_every_error_names_the_variable_actually_set(
+    name: str, env: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whichever of a setting's variables holds a bad value, the error names that variable."""
+    monkeypatch.setenv(env, "bogus")
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    assert str(err.value).startswith(f"invalid {name} (from env {env}): ")
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
