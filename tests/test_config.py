@@ -37,13 +37,15 @@ def test_defaults() -> None:
 
 
 def test_socket_default_follows_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The socket lives in $XDG_RUNTIME_DIR when set, else in /tmp with our uid in its name."""
+    """The socket lives in $XDG_RUNTIME_DIR when set, else in a per-uid directory in TMPDIR."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert config.load().settings.socket == Path("/run/user/1234/agent-sidecar.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("TMPDIR", raising=False)
     import os
 
-    assert config.load().settings.socket == Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")
+    assert config.load().settings.socket == Path(
+        f"/tmp/agent-sidecar-{os.getuid()}/agent-sidecar.sock")
 
 
 def test_precedence_flag_env_file_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

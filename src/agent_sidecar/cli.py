@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -14,7 +13,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 
-from agent_sidecar import __version__, config, logs
+from agent_sidecar import __version__, config, logs, paths
 from agent_sidecar.config import ConfigError, Settings
 
 EXIT_OK = 0
@@ -80,8 +79,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, metavar="PATH",
-                        help="relay socket (default: AGENT_SIDECAR_SOCKET, else "
-                        f"{config.default_socket_path()})")
+                        help=f"relay socket (default: {paths.SOCKET_ENV}, else the config "
+                        f"file's, else {paths.default_socket_path()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,10 +214,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
-    env = os.environ.get("AGENT_SIDECAR_SOCKET")
-    return Path(env) if env else config.default_socket_path()
+    return Path(paths.socket_path(str(args.socket) if args.socket else None))
 
 
 async def _call(path: Path, method: str, url: str, body: dict[str, Any] | None = None,
@@ -319,6 +315,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     loaded = _load(args)
+    try:  # run's own check of the socket's directory, so that ExecStartPre= catches it too
+        paths.ensure_private_dir(str(loaded.settings.socket), create=False)
+    except paths.UnsafeDirectory as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"agent-sidecar: socket directory: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     rows = []
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)

@@ -20,10 +20,11 @@ from pydantic_settings import (
 )
 from yarl import URL
 
+from agent_sidecar import paths
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, MIN_SNAPSHOT_BYTES
 
 ENV_PREFIX = "AGENT_SIDECAR_"
-CONFIG_ENV = "AGENT_SIDECAR_CONFIG"
+CONFIG_ENV = paths.CONFIG_ENV
 SECRET_MASK = "**********"  # noqa: S105 - what a secret is shown as
 
 # Which setting names the Coder agent's own variables feed. They are a contract with
@@ -37,13 +38,6 @@ _CODER_ALIASES: dict[str, tuple[str, ...]] = {
 
 class ConfigError(Exception):
     """The configuration is invalid; the message is one line per problem, fit for a person."""
-
-
-def default_socket_path() -> Path:
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return Path(runtime_dir) / "agent-sidecar.sock"
-    return Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")  # noqa: S108 - per-uid name, 0600
 
 
 def env_names(name: str) -> tuple[str, ...]:
@@ -73,6 +67,10 @@ def _http_url(value: str, example: str) -> str:
     return value
 
 
+def _default_socket() -> Path:
+    return Path(paths.default_socket_path())
+
+
 # The file values for the load in progress. A context variable rather than a class
 # attribute so that concurrent loads (tests) never see each other's file.
 _file_values: ContextVar[Mapping[str, Any] | None] = ContextVar("_file_values", default=None)
@@ -100,8 +98,8 @@ class Settings(BaseSettings):
     """Every knob of agent-sidecar. Names carry their units; each is also an env var."""
 
     # The environment is read by _EnvSource: exactly the names env_names() documents, so
-    # that no other spelling (another case, a bare field name) is quietly accepted, and an
-    # error names the variable that was set.
+    # the light client (paths.py, AGENT_SIDECAR_SOCKET) reads the same variable by the same
+    # rule, and no other spelling (another case, a bare field name) is quietly accepted.
     model_config = SettingsConfigDict(
         extra="forbid",
         hide_input_in_errors=True,
@@ -140,7 +138,7 @@ class Settings(BaseSettings):
         description="directory where each snapshot is also written as <task-id or local>.json",
     )
     socket: Path = Field(
-        default_factory=default_socket_path,
+        default_factory=_default_socket,
         description="relay Unix socket path",
     )
     log_format: Literal["auto", "json", "console"] = Field(

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from agent_sidecar import logs
+from agent_sidecar import logs, paths
 from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable, NotStable
 from agent_sidecar.aio import first_of
 from agent_sidecar.config import Settings
@@ -72,6 +72,10 @@ def bind_unix(path: Path) -> socket.socket:
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise RelayError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
                          "choose a shorter --socket")
+    try:
+        paths.ensure_private_dir(str(path))  # the per-uid default directory: ours, 0700
+    except paths.UnsafeDirectory as exc:
+        raise RelayError(str(exc)) from None
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True)
