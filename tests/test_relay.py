@@ -355,6 +355,24 @@ async def test_healthz_reports_reasons(env: Env) -> None:
                                                "reasons": ["agentapi: not connected"]})
 
 
+async def test_livez_asks_only_whether_the_daemon_runs(env: Env) -> None:
+    """/livez is 200 alive with agentapi gone (while /healthz is 503) and while shutting down."""
+    assert await env.get("/livez") == (200, {"status": "alive"})
+    await env.agent.stop()
+    await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
+    assert (await env.get("/healthz"))[0] == 503
+    assert await env.get("/livez") == (200, {"status": "alive"})
+    env.relay.close()
+    assert await env.get("/livez") == (200, {"status": "alive"})
+
+
+async def test_livez_reports_stopped_tasks(env: Env) -> None:
+    """When the daemon says one of its tasks stopped, /livez is 503 naming it."""
+    env.relay._live = lambda: ["follower: stopped"]
+    assert await env.get("/livez") == (503, {"status": "stalled",
+                                             "reasons": ["follower: stopped"]})
+
+
 async def test_healthz_degraded_is_still_200(env: Env) -> None:
     """A degraded part (the sink) is reported with 200, so orchestrators do not restart us."""
     env.relay._health = lambda: Health([], ["sink: /x: Read-only file system"])
