@@ -417,7 +417,7 @@ async def test_cli_send_waits_then_delivers_exactly_once(env: Env) -> None:
 
 
 async def test_cli_send_reads_stdin_and_reports_errors(env: Env) -> None:
-    """TEXT '-' reads stdin; a refusal exits 1 with the server's message on stderr."""
+    """TEXT '-' reads stdin; a busy agent exits 3 with the server's message on stderr."""
     ok = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "-",
                                  stdin="from stdin\n")
     assert ok.returncode == 0, ok.stderr
@@ -427,15 +427,15 @@ async def test_cli_send_reads_stdin_and_reports_errors(env: Env) -> None:
     await env.synced()
     busy = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "--wait", "0.1",
                                    "x")
-    assert busy.returncode == 1
+    assert busy.returncode == 3
     assert busy.stderr.startswith("agent-sidecar: The agent is still busy.")
 
 
 def test_cli_clients_without_a_daemon(short_dir: Path) -> None:
-    """With no daemon, send and status exit 1 with a hint, and check prints 'unhealthy'."""
+    """With no daemon, send exits 5 and status 1, with a hint; check prints 'unhealthy'."""
     path = str(short_dir / "none.sock")
     send = cli("send", "--socket", path, "x")
-    assert send.returncode == 1
+    assert send.returncode == 5
     assert "is `agent-sidecar run` running" in send.stderr
     check = cli("check", "--socket", path)
     assert check.returncode == 1
