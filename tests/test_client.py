@@ -341,11 +341,14 @@ async def test_json_without_reply_is_a_usage_error(stub: StubRelay) -> None:
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
 async def test_bad_seconds_are_usage_errors(stub: StubRelay, value: str) -> None:
-    """--wait and --timeout take a finite number of seconds, 0 or more: else exit 2."""
+    """--wait takes a finite number of seconds, 0 or more, --timeout more than 0: else exit 2."""
     for flag in ("--wait", "--timeout"):
         run = await cli_run(*send(stub, flag, value, "x"))
         assert run.code == 2
         assert "must be a number of seconds" in run.err
+    zero = await cli_run(*send(stub, "--timeout", "0", "x"))
+    assert (zero.code, zero.err.splitlines()[-1]) == (
+        2, "agent-sidecar send: error: argument --timeout: must be more than 0 seconds")
     assert stub.sent == []
 
 

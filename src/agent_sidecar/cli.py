@@ -144,6 +144,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 _METAVARS = {"agentapi_url": "URL", "coder_url": "URL", "coder_token_file": "PATH",
              "task_id": "UUID", "sink_dir": "DIR", "socket": "PATH", "log_format": "FORMAT",
              "log_level": "LEVEL", "metrics_addr": "HOST:PORT"}
@@ -236,7 +243,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     send.add_argument("--json", action="store_true",
                       help='with --reply, print the answer as JSON: {"messages": [{"id", '
                       '"role", "content", "time"}]}')
-    send.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    send.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                       help="give up after this long in all, --reply included (exit 4 once "
                       "the input is sent; default: the daemon's own bound, and no limit "
                       "for --reply)")
@@ -432,7 +439,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
         wait_s = server_wait_s if args.wait is None else args.wait
         remaining = left()
         if remaining is not None:
-            wait_s = max(0.0, min(wait_s, remaining))  # a busy agent then gets its 409
+            if remaining <= 0:
+                raise client.Unreachable(f"--timeout {args.timeout:g}s ran out before the "
+                                         "input was sent")
+            wait_s = min(wait_s, remaining)  # a busy agent then gets its 409 in time
         body: dict[str, Any] = {"input": text, "type": "raw" if args.raw else "user",
                                 "wait_s": wait_s}
         if args.reply:
