@@ -13,6 +13,7 @@ can change while it runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
+from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import Health, Relay
 from agent_sidecar.sink import Sink
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
@@ -95,8 +97,10 @@ class Pipeline:
                       if self.tokens is not None else None)
         self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
                                  self.metrics, on_packed=on_snapshot)
+        # What serve() runs, by name, so that /livez can tell a task that stopped.
+        self.running: dict[str, asyncio.Task[None]] = {}
         self.relay = Relay(self.agentapi, self.conversation, self.metrics, settings,
-                           status=self.status, health=self.health)
+                           status=self.status, health=self.health, live=self.stopped)
 
     async def aclose(self) -> None:
         await self.agent_http.close()
@@ -123,7 +127,7 @@ class Pipeline:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "shutting_down": self.relay.closing,
             "agentapi": {
-                "url": self.settings.agentapi_url,
+                "url": redact_url(self.settings.agentapi_url),
                 "connected": self.conversation.connected,
                 "mode": follow.mode,
                 "agent_status": self.conversation.status,
@@ -166,11 +170,18 @@ class Pipeline:
             health.degraded.append(f"sink: {self.sink.error}")
         return health
 
+    def stopped(self) -> list[str]:
+        """GET /livez: the tasks that never end on their own but have ended (the follower
+        and the uploader are supervised, so this means the supervision itself is gone)."""
+        if self.relay.closing:
+            return []
+        return [f"{name}: stopped" for name, task in self.running.items() if task.done()]
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
         conv, up = self.conversation, self.uploader
         if not conv.connected and conv.status is None:
-            return f"waiting for agentapi at {self.settings.agentapi_url}"
+            return f"waiting for agentapi at {redact_url(self.settings.agentapi_url)}"
         following = "following agentapi" if conv.connected else "agentapi unreachable"
         uploads = f"uploads {up.state}" if up.client is not None else "uploads off"
         return (f"{following}, {conv.count} messages, "
