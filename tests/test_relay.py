@@ -816,3 +816,22 @@ def test_parse_send_answers_any_bytes_without_raising(raw: bytes) -> None:
     """Any bytes at all are either a valid input or a 400, never an exception."""
     parsed = parse_send(raw, 30.0)
     assert isinstance(parsed, Input) or parsed.status == 400
+
+
+async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(
+    short_dir: Path,
+) -> None:
+    """While an ACP turn holds agentapi's lock, its /status does not answer, so the relay
+    cannot tell the transport: raw keystrokes are not sent blindly (503, 'not sent')."""
+    agent = FakeAgentAPI(version="v0.12-acp", chunks=100, chunk_delay_s=0.1)
+    async with agent, relay_env(agent, short_dir) as env, aiohttp.ClientSession() as direct:
+        turn = asyncio.create_task(direct.post(agent.url + "/message",
+                                               json={"content": "from the web UI",
+                                                     "type": "user"}))
+        await until(lambda: env.conv.status == "running", wake=env.conv.changed.wait)
+        status, body = await env.send({"input": "\x1b", "type": "raw", "wait_s": 0.3})
+        turn.cancel()
+        await asyncio.gather(turn, return_exceptions=True)
+    assert status == 503
+    assert "did not say which transport it uses within 0.3s" in body["detail"]
+    assert agent.received == [("user", "from the web UI")]

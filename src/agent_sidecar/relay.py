@@ -676,10 +676,17 @@ class Relay:
                          "or submitted: check the agent before resending")
 
     async def _raw(self, inp: Input, wait_until: float) -> web.Response:
-        if await self._transport(wait_until) == "acp":
+        transport = await self._transport(wait_until)
+        if transport == "acp":
             return error(409, "Raw input is refused: this agentapi uses the ACP transport.",
                          "under ACP, agentapi sends raw input to the agent as a whole prompt, "
                          "not as keystrokes; send text as {\"type\": \"user\"}")
+        if transport is None:
+            # Keystrokes sent to an ACP agent would be a prompt; and an agentapi whose
+            # /status does not answer is unreachable or in the middle of an ACP turn.
+            return error(503, "agentapi cannot be reached.",
+                         f"its GET /status did not say which transport it uses within "
+                         f"{inp.wait_s:g}s; the input was not sent")
         self.raw_waiting += 1
         try:
             await self._acquire(self._wire, wait_until)
@@ -783,7 +790,8 @@ class Relay:
 
     async def _transport(self, wait_until: float) -> str | None:
         """"pty" or "acp": the follower's knowledge, else asked once per agentapi connection;
-        None when that cannot be told in time (then the input goes as over a PTY)."""
+        None when that cannot be told in time (then a user input goes as over a PTY, and a
+        raw one is not sent)."""
         state = self.agentapi.state
         if state.transport is not None:
             return state.transport
