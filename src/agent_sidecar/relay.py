@@ -286,6 +286,14 @@ class _Connection(RequestHandler):
                 self._relay.settings.relay_header_timeout_s, self._headers_too_slow)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: bool | None
+        try:
+            return self._keep_open_after_eof()
+        except Exception as exc:  # asyncio would log a traceback and close it anyway
+            log.exception("relay_connection_error", detail="at end of input",
+                          error=type(exc).__name__)
+            return False
+
+    def _keep_open_after_eof(self) -> bool:
         if self._fd >= 0 and _hung_up(self._fd):
             return False  # gone for good: close, which cancels what it asked
         self._read_eof = True
@@ -382,8 +390,10 @@ class Relay:
     answered 503); `stop()` stops accepting, closes every connection and removes the socket
     file. A handler never raises: failures are answered in Coder's error shape and logged
     once. An input whose client hangs up before it is posted is dropped; once posted, a POST
-    is always finished (agentapi cannot unsend keystrokes). Every setting is read from
-    `settings` when it is used, so a reload applies to the next send or connection.
+    is always finished (agentapi cannot unsend keystrokes): cancelling a send handler (as
+    `stop()` does past its timeout) drops an input still waiting, and a POST in flight is
+    still finished. Every setting is read from `settings` when it is used, so a reload applies to the
+    next send or connection.
     """
 
     def __init__(
@@ -517,6 +527,11 @@ class Relay:
                             connections=len(self._connections),
                             max_connections=self.max_connections(),
                             retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:  # a bug must not stop the accepting
+                delay = backoff.next_delay(ACCEPT_RETRY_INITIAL_S, ACCEPT_RETRY_MAX_S)
+                log.exception("relay_accept_crashed", error=type(exc).__name__)
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
