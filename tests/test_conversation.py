@@ -199,15 +199,15 @@ def test_out_of_order_ids_cost_no_more_than_in_order_ones() -> None:
 
 
 def test_reconcile_drops_what_agentapi_no_longer_has() -> None:
-    """Ids missing from agentapi's list up to its newest are dropped; newer ones stay."""
+    """Held ids up to `upto` that agentapi's list lacks are dropped; newer ones stay."""
     conv = Conversation(CODERD_MAX_BODY_BYTES)
     for i, role in enumerate(["user", "agent", "user", "agent", "user"]):
         conv.upsert(m(i, f"m{i}", role))
     version = conv.version
-    assert conv.reconcile([0, 2, 3], newest=3) == [1]
+    assert conv.reconcile([0, 2, 3], upto=3) == [1]
     assert [x.id for x in conv.messages()] == [0, 2, 3, 4]
     assert conv.version == version + 1
-    assert conv.reconcile([0, 2, 3], newest=3) == []
+    assert conv.reconcile([0, 2, 3], upto=3) == []
     assert conv.version == version + 1
 
 

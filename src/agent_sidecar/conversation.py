@@ -168,6 +168,11 @@ class Conversation:
         return len(self._ids)
 
     @property
+    def last_id(self) -> int | None:
+        """The newest id held, or None when nothing is."""
+        return self._ids[-1] if self._ids else None
+
+    @property
     def version(self) -> int:
         """Bumped by every change."""
         return self.changed.version
@@ -249,13 +254,14 @@ class Conversation:
         if changed:
             self._bump()
 
-    def reconcile(self, present: Iterable[int], newest: int) -> list[int]:
-        """Drop the messages agentapi no longer has: every held id up to `newest` that is
-        not in `present` (a full list of agentapi's ids up to `newest`, e.g. from GET
-        /messages). Ids above `newest` are newer than that list and are kept. Returns the
-        ids dropped. This is how an ACP placeholder removed without an event goes."""
+    def reconcile(self, present: Iterable[int], upto: int) -> list[int]:
+        """Drop the messages agentapi no longer has: every held id up to `upto` that is
+        not in `present`, agentapi's full list of ids (GET /messages) read after each id up
+        to `upto` was known to exist. Ids above `upto` may be newer than that list and are
+        kept. Returns the ids dropped. This is how an ACP placeholder removed without an
+        event goes."""
         keep = set(present)
-        gone = [i for i in self._ids if i <= newest and i not in keep]
+        gone = [i for i in self._ids if i <= upto and i not in keep]
         for id_ in gone:
             self._remove(id_)
         if gone:
