@@ -26,6 +26,7 @@ from agent_sidecar.aio import Backoff, first_of
 from agent_sidecar.config import Settings
 from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
+from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import RelayError
 from agent_sidecar.sdnotify import Notifier
 from agent_sidecar.snapshot import Packed
@@ -272,7 +273,7 @@ def _log_uploads(pipeline: Pipeline) -> None:
         say("uploads_disabled", reason=reason,
             sink=str(pipeline.sink.path) if pipeline.sink else None)
     elif pipeline.coder is not None:
-        log.info("uploads_enabled", url=str(pipeline.coder.url))
+        log.info("uploads_enabled", url=redact_url(str(pipeline.coder.url)))
 
 
 async def _serve_metrics(pipeline: Pipeline) -> web.AppRunner:

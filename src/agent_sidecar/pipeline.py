@@ -29,6 +29,7 @@ from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
+from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import Health, Relay
 from agent_sidecar.sink import Sink
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
@@ -121,7 +122,7 @@ class Pipeline:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "shutting_down": self.relay.closing,
             "agentapi": {
-                "url": self.settings.agentapi_url,
+                "url": redact_url(self.settings.agentapi_url),
                 "connected": self.conversation.connected,
                 "mode": follow.mode,
                 "agent_status": self.conversation.status,
@@ -169,7 +170,7 @@ class Pipeline:
         """One line for systemd's STATUS=."""
         conv, up = self.conversation, self.uploader
         if not conv.connected and conv.status is None:
-            return f"waiting for agentapi at {self.settings.agentapi_url}"
+            return f"waiting for agentapi at {redact_url(self.settings.agentapi_url)}"
         following = "following agentapi" if conv.connected else "agentapi unreachable"
         uploads = f"uploads {up.state}" if up.client is not None else "uploads off"
         return (f"{following}, {conv.count} messages, "
