@@ -147,6 +147,11 @@ def _agent_type(value: object) -> str | None:
     return None
 
 
+def _clipped(value: object) -> str:
+    """A peer's value for a log line: its repr, from at most 60 characters of it."""
+    return repr(value[:60] if isinstance(value, str) else value)[:80]
+
+
 def _loads(body: bytes | str) -> Any:
     """JSON from a peer; ValueError for anything that is not, however deeply nested."""
     try:
@@ -510,7 +515,7 @@ class _Following:
             if message.time_replaced:
                 log.warning("agentapi_time_replaced", id=message.id,
                             error="time is not RFC 3339 as coderd reads it",
-                            value=repr(data.get("time"))[:80])
+                            value=_clipped(data.get("time")))
             (self.replay or live).upsert(message)
             return
         status = parse_status(data.get("status"))

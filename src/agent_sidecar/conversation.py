@@ -11,8 +11,9 @@ last one (agentapi rewrites the last message in place, and it can shrink), eithe
   `MIN_ITEM_BYTES`, so they cannot all fit either, however short they are.
 
 Messages whose role is never sent (anything but `user` and `agent`) are not held at all,
-and only the last `retain_chars` characters of any message are kept. So a conversation
-holds at most about `retain_chars` characters in at most `max_messages(retain_chars) + 2`
+and only the last `retain_chars` characters of any message are kept (make_message). So a
+conversation holds at most `3 * retain_chars` characters (the first message held, those
+between it and the last, and the last) in at most `max_messages(retain_chars) + 2`
 messages, however long agentapi's history is.
 
 What goes in is also what coderd's Go decoder accepts (issue 15, item 8): every time is an
