@@ -338,16 +338,26 @@ async def test_an_encoding_it_cannot_inflate_is_an_error_not_a_crash() -> None:
             await client_for(session, url).messages(65536)
 
 
-async def test_a_refused_stream_body_is_read_with_a_cap() -> None:
-    """A non-200 /events answer whose body is a gzip bomb is reported with a short detail,
-    and the follower carries on retrying."""
-    bomb = gzip_of_zeros(256 << 20)
+@pytest.mark.parametrize("body", ["plain", "gzip"])
+async def test_a_refused_stream_body_is_read_with_a_cap(body: str) -> None:
+    """A non-200 /events answer with a 256 MiB body, plain or a gzip bomb, is reported with
+    a short detail read from its first bytes, and the follower carries on retrying."""
     refused = asyncio.Event()
 
-    async def refuse(request: web.Request) -> web.Response:
+    async def refuse(request: web.Request) -> web.StreamResponse:
         refused.set()
-        return web.Response(status=503, body=bomb, headers={"Content-Encoding": "gzip"})
+        if body == "gzip":
+            return web.Response(status=503, body=gzip_of_zeros(256 << 20),
+                                headers={"Content-Encoding": "gzip"})
+        resp = web.StreamResponse(status=503)
+        await resp.prepare(request)
+        block = b"upstream is down " * (1 << 16)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(256):
+                await resp.write(block)
+        return resp
 
+    gzip_of_zeros(256 << 20)  # made before measuring
     async with serving(web.get("/events", refuse)) as url:
         stop = peak_during()
         try:
