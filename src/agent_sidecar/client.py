@@ -1,10 +1,10 @@
 """The relay's client: HTTP/1.1 over the Unix socket, on the standard library alone.
 
-`check`, `status` and `send` run on this, and `check` runs every 30 s in every workspace
-as a health probe. So it imports neither asyncio nor aiohttp, and not even http.client,
-whose email parser and ssl cost more than everything else such a probe does. It speaks
-exactly what the relay answers: one request per connection (`Connection: close`), a body
-framed by Content-Length, chunks, or the end of the connection.
+`check`, `status` and `send` run on this, and `check` runs every 30 s in every workspace as
+a health probe. So it imports neither asyncio nor aiohttp: it is `http.client` with a
+connection that dials the Unix socket. That keeps a probe near the cost of the standard
+library's own import floor (BENCHMARKS.md, "Client cost") while the HTTP parsing stays the
+standard library's, not ours.
 
 Before anything is sent, the server's uid (SO_PEERCRED) must be ours or root's: a socket
 in a shared directory could be served by another local user, who would then read the input
@@ -13,6 +13,7 @@ or fake the answers.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -23,8 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # far above any answer of the relay; a bound, not a limit
 
 
 class ClientError(Exception):
@@ -71,37 +71,59 @@ def _hint(exc: OSError) -> str:
     return "is `agent-sidecar run` running (see --socket)?"
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client's connection, dialling a Unix socket and checking who serves it."""
+
+    def __init__(self, path: str, timeout_s: float | None) -> None:
+        super().__init__("agent-sidecar", timeout=timeout_s)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            _check_peer(sock, self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _check_peer(sock: socket.socket, path: str) -> None:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    ours = os.getuid()
+    if uid not in (0, ours):
+        raise ForeignServer(
+            f"the socket {path} is served by uid {uid}, not by us (uid {ours}) or root, so "
+            "nothing was sent: another user may be posing as the sidecar; check --socket or "
+            "AGENT_SIDECAR_SOCKET")
+
+
 class Connection:
-    """One connection to the relay, checked to be served by us or root, for one request."""
+    """One connection to the relay, checked to be served by us or root, for one request,
+    all within `timeout_s` (None: no bound)."""
 
     def __init__(self, path: str, timeout_s: float | None) -> None:
         self.path = path
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._timeout_s = timeout_s
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._http = _UnixHTTPConnection(path, timeout_s)
         try:
-            sock.settimeout(self._remaining())
-            sock.connect(path)
+            self._http.connect()
         except TimeoutError:
-            sock.close()
             raise Unreachable(f"the sidecar at {path} did not answer in "
                               f"{timeout_s:.3g}s") from None
+        except ForeignServer:
+            raise
         except OSError as exc:
-            sock.close()
             reason = exc.strerror or str(exc)
             raise Unreachable(f"cannot reach the sidecar at {path}: {reason}; "
                               f"{_hint(exc)}") from None
-        self._sock = sock
-        try:
-            self._check_peer()
-        except BaseException:
-            sock.close()
-            raise
-        self._file = sock.makefile("rb")
 
     def close(self) -> None:
-        self._file.close()
-        self._sock.close()
+        self._http.close()
 
     def __enter__(self) -> Connection:
         return self
@@ -109,36 +131,26 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
+    def _bound(self) -> None:
+        """Give the next socket operation what is left of the deadline."""
+        if self._deadline is None or self._http.sock is None:
+            return
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        return left
-
-    def _check_peer(self) -> None:
-        creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                      struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        ours = os.getuid()
-        if uid not in (0, ours):
-            raise ForeignServer(
-                f"the socket {self.path} is served by uid {uid}, not by us (uid {ours}) or "
-                "root, so nothing was sent: another user may be posing as the sidecar; "
-                "check --socket or AGENT_SIDECAR_SOCKET")
+        self._http.sock.settimeout(left)
 
     def send(self, method: str, target: str, body: object = None) -> None:
         """Write the whole request. Failing here, the relay cannot have acted on it."""
-        payload = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} {target} HTTP/1.1\r\nHost: agent-sidecar\r\n"
-                "User-Agent: agent-sidecar-cli\r\nAccept: application/json\r\n"
-                "Connection: close\r\n")
+        headers = {"Accept": "application/json", "User-Agent": "agent-sidecar-cli",
+                   "Connection": "close"}
+        payload = None
         if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            self._sock.settimeout(self._remaining())
-            self._sock.sendall(head.encode("ascii") + b"\r\n" + payload)
+            self._bound()
+            self._http.request(method, target, body=payload, headers=headers)
         except TimeoutError:
             raise Unreachable(f"the sidecar at {self.path} did not take the request in "
                               f"{self._timeout_s:.3g}s") from None
@@ -149,83 +161,21 @@ class Connection:
     def receive(self) -> Response:
         """Read the answer. Failing here, the request was sent: its outcome is unknown."""
         try:
-            return self._receive()
+            self._bound()
+            answer = self._http.getresponse()
+            self._bound()
+            body = answer.read(MAX_BODY_BYTES + 1)
         except TimeoutError:
             raise NoAnswer(f"the sidecar at {self.path} did not answer in "
                            f"{self._timeout_s:.3g}s") from None
-        except (OSError, ValueError) as exc:
-            raise NoAnswer(f"the sidecar at {self.path} broke off its answer: "
-                           f"{getattr(exc, 'strerror', None) or exc}") from None
-
-    def _line(self) -> bytes:
-        self._sock.settimeout(self._remaining())
-        line = self._file.readline(MAX_HEAD_BYTES + 1)
-        if not line.endswith(b"\n"):
-            raise ValueError("the connection closed mid-line" if len(line) <= MAX_HEAD_BYTES
-                             else "a header line is too long")
-        return line.rstrip(b"\r\n")
-
-    def _exactly(self, size: int) -> bytes:
-        chunks = []
-        while size > 0:
-            self._sock.settimeout(self._remaining())
-            chunk = self._file.read1(min(size, 1 << 16))
-            if not chunk:
-                raise ValueError("the connection closed before the body ended")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
-    def _receive(self) -> Response:
-        version, _, rest = self._line().partition(b" ")
-        code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
-            raise ValueError("the answer is not HTTP/1.x")
-        headers: dict[str, str] = {}
-        size = 0
-        while line := self._line():
-            size += len(line)
-            if size > MAX_HEAD_BYTES:
-                raise ValueError("the answer's headers are too long")
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        status = int(code)
-        if status in (204, 304) or 100 <= status < 200:
-            return Response(status, headers, b"")
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            return Response(status, headers, self._chunked())
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-                raise ValueError(f"unusable Content-Length {length!r}")
-            return Response(status, headers, self._exactly(int(length)))
-        return Response(status, headers, self._until_closed())
-
-    def _chunked(self) -> bytes:
-        body = bytearray()
-        while True:
-            size_text = self._line().split(b";", 1)[0].strip()
-            size = int(size_text, 16)
-            if size == 0:
-                while self._line():  # trailers, up to the blank line
-                    pass
-                return bytes(body)
-            if len(body) + size > MAX_BODY_BYTES:
-                raise ValueError("the answer is too large")
-            body += self._exactly(size)
-            if self._line():
-                raise ValueError("a chunk does not end where its size says")
-
-    def _until_closed(self) -> bytes:
-        body = bytearray()
-        while True:
-            self._sock.settimeout(self._remaining())
-            chunk = self._file.read1(1 << 16)
-            if not chunk:
-                return bytes(body)
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise ValueError("the answer is too large")
+        except (OSError, http.client.HTTPException) as exc:
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise NoAnswer(f"the sidecar at {self.path} broke off its answer: {why}") from None
+        if len(body) > MAX_BODY_BYTES:
+            raise NoAnswer(f"the sidecar at {self.path} answered more than "
+                           f"{MAX_BODY_BYTES} bytes")
+        headers = {name.lower(): value for name, value in answer.getheaders()}
+        return Response(answer.status, headers, body)
 
 
 def call(path: str, method: str, target: str, body: object = None,

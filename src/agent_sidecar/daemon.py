@@ -123,6 +123,7 @@ class _Run:
 
         self.follower = task("follower", lambda: p.agentapi.follow(p.conversation))
         self.uploader = task("uploader", p.uploader.run)
+        p.running.update(follower=self.follower, uploader=self.uploader)
         self.helpers = [
             task("systemd_status", self._keep_status),
             task("watchdog", self.notifier.watchdog),

@@ -13,6 +13,7 @@ can change while it runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -94,8 +95,10 @@ class Pipeline:
                       if self.tokens is not None else None)
         self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
                                  self.metrics, on_packed=on_snapshot)
+        # What serve() runs, by name, so that /livez can tell a task that stopped.
+        self.running: dict[str, asyncio.Task[None]] = {}
         self.relay = Relay(self.agentapi, self.conversation, self.metrics, settings,
-                           status=self.status, health=self.health)
+                           status=self.status, health=self.health, live=self.stopped)
 
     async def aclose(self) -> None:
         await self.agent_http.close()
@@ -165,6 +168,13 @@ class Pipeline:
             # The sink mirrors snapshots for people; its failure must not get us restarted.
             health.degraded.append(f"sink: {self.sink.error}")
         return health
+
+    def stopped(self) -> list[str]:
+        """GET /livez: the tasks that never end on their own but have ended (the follower
+        and the uploader are supervised, so this means the supervision itself is gone)."""
+        if self.relay.closing:
+            return []
+        return [f"{name}: stopped" for name, task in self.running.items() if task.done()]
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
