@@ -212,3 +212,21 @@ async def test_polling_a_turn_already_running_waits_without_disconnecting(
     assert not [x for x in lines if x["event"] == "agentapi_poll_failed"]
     # One /status per agentapi_timeout_s at most while the 0.5 s turn ran.
     assert seen.gets.count("/status") <= 0.5 / 0.1 + 4
+
+
+async def test_a_bug_in_the_status_probe_is_logged_and_following_goes_on(
+    monkeypatch: pytest.MonkeyPatch, log_output: io.StringIO,
+) -> None:
+    """An unexpected exception in the /status probe beside the stream is logged once and
+    ends only the probe: the stream is followed as before."""
+    async def broken(self: AgentAPI) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(AgentAPI, "status_info", broken)
+    agent = FakeAgentAPI(chunks=2, chunk_delay_s=0.01, stable_after_s=0.01)
+    async with agent, following(agent) as seen:
+        await until(lambda: "agentapi_side_task_failed" in log_output.getvalue())
+        assert await send(agent, "still followed") == 200
+        await agent.wait_idle()
+        await in_step(seen, agent)
+        assert seen.client.state.reconnects == 0

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -474,8 +474,16 @@ class _Following:
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._probe(), name="agentapi-status-probe"),
-                      asyncio.create_task(self._reconcile(), name="agentapi-reconcile")]
+        self.tasks = [asyncio.create_task(self._guarded(self._probe), name="agentapi-probe"),
+                      asyncio.create_task(self._guarded(self._reconcile),
+                                          name="agentapi-reconcile")]
+
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one side task; a bug in it is logged and ends it, never the stream."""
+        try:
+            await work()
+        except Exception:
+            log.exception("agentapi_side_task_failed", task=getattr(work, "__name__", "?"))
 
     async def close(self) -> None:
         for task in self.tasks:
