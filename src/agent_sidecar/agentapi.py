@@ -60,6 +60,9 @@ TRANSPORTS = frozenset({"pty", "acp"})
 MAX_AGENT_TYPE_CHARS = 64
 
 
+DETAIL_CHARS = 500  # of agentapi's error text, in a log line or a relay answer
+
+
 class AgentAPIError(Exception):
     """agentapi answered, but not with what was asked for."""
 
@@ -161,18 +164,19 @@ def _loads(body: bytes | str) -> Any:
 
 
 def problem_detail(body: bytes) -> str:
-    """A person-readable text from agentapi's problem+json, or the raw text of anything else."""
+    """A person-readable text from agentapi's problem+json, or the raw text of anything else,
+    at most DETAIL_CHARS characters (redacted before it is cut)."""
     try:
         data = _loads(body)
     except ValueError:
-        return body.decode("utf-8", "replace").strip()[:500]
+        return logs.clip(body.decode("utf-8", "replace").strip(), DETAIL_CHARS)
     if not isinstance(data, dict):
-        return str(data)[:500]
+        return logs.clip(str(data), DETAIL_CHARS)
     parts = [str(data.get("detail") or data.get("title") or "")]
     errors = data.get("errors")
     if isinstance(errors, list):
         parts += [str(e.get("message")) for e in errors if isinstance(e, dict) and e.get("message")]
-    return ": ".join(p for p in parts if p)[:500]
+    return logs.clip(": ".join(p for p in parts if p), DETAIL_CHARS)
 
 
 def _shown(url: URL) -> str:
