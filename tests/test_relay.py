@@ -693,15 +693,21 @@ async def test_an_acp_turn_past_acp_turn_timeout_is_504(short_dir: Path) -> None
 
 
 async def test_status_reports_the_bound_a_client_must_wait(env: Env) -> None:
-    """/status gives send_wait_s, the send timeout (the larger bound while the transport is
-    unknown, send_timeout_s once it is known to be a PTY) and the answer margin."""
+    """/status gives send_wait_s, the send timeout (send_timeout_s over a PTY,
+    acp_turn_timeout_s under ACP, the larger while the transport is unknown) and the answer
+    margin."""
+    state = env.relay.agentapi.state
+    await until(lambda: state.transport == "pty")  # the follower's /status probe
     _, body = await env.get("/status")
     assert body["relay"]["send_wait_s"] == 5
-    assert body["relay"]["send_timeout_s"] == 3600  # not known yet: the larger bound
-    assert body["relay"]["answer_margin_s"] == ANSWER_MARGIN_S
-    assert (await env.send({"input": "x"}))[0] == 204
-    _, body = await env.get("/status")
     assert body["relay"]["send_timeout_s"] == 60
+    assert body["relay"]["answer_margin_s"] == ANSWER_MARGIN_S
+    state.transport = "acp"
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
+    state.transport = None  # not known yet: a client must wait for the larger bound
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
+    assert (await env.send({"input": "x"}))[0] == 204  # the relay asks /status itself
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 60
 
 
 # -- reply (issue 11) ---------------------------------------------------------------------
@@ -829,6 +835,8 @@ async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(
                                                json={"content": "from the web UI",
                                                      "type": "user"}))
         await until(lambda: env.conv.status == "running", wake=env.conv.changed.wait)
+        # As for a follower that connected mid-turn: its own /status probe still waits.
+        env.relay.agentapi.state.transport = None
         status, body = await env.send({"input": "\x1b", "type": "raw", "wait_s": 0.3})
         turn.cancel()
         await asyncio.gather(turn, return_exceptions=True)

@@ -392,8 +392,8 @@ class Relay:
     once. An input whose client hangs up before it is posted is dropped; once posted, a POST
     is always finished (agentapi cannot unsend keystrokes): cancelling a send handler (as
     `stop()` does past its timeout) drops an input still waiting, and a POST in flight is
-    still finished. Every setting is read from `settings` when it is used, so a reload applies to the
-    next send or connection.
+    still finished. Every setting is read from `settings` when it is used, so a reload
+    applies to the next send or connection.
     """
 
     def __init__(
@@ -804,7 +804,8 @@ class Relay:
         return answer_by
 
     async def _transport(self, wait_until: float) -> str | None:
-        """"pty" or "acp": the follower's knowledge, else asked once per agentapi connection;
+        """"pty" or "acp": the follower's knowledge, else (not known yet, or an agentapi
+        before v0.12, which says nothing) asked once per agentapi connection;
         None when that cannot be told in time (then a user input goes as over a PTY, and a
         raw one is not sent)."""
         state = self.agentapi.state
@@ -816,7 +817,9 @@ class Relay:
         try:
             async with asyncio.timeout(min(self.settings.agentapi_timeout_s,
                                            max(CONNECT_FLOOR_S, wait_until - loop.time()))):
-                transport = await self.agentapi.transport()
+                info = await self.agentapi.status_info()
+            # Before v0.12 agentapi says nothing: those versions have no ACP.
+            transport = info.transport or "pty"
         except (AgentAPIError, AgentAPIUnavailable, TimeoutError) as exc:
             log.warning("relay_transport_unknown", error=f"{type(exc).__name__}: {exc}")
             return None
