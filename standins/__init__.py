@@ -6,18 +6,30 @@ scripted answers, and coderd's log-snapshot endpoint checked in coderd's order.
 """
 
 from standins.agentapi import FakeAgentAPI, FakeMessage, now_rfc3339, problem, sse_event
-from standins.coderd import FakeCoderd, Upload, coder_error
+from standins.coderd import (
+    FakeCoderd,
+    Upload,
+    coder_error,
+    front_body_limit,
+    nginx_page,
+    redirecting,
+)
+from standins.proxy import ForwardProxy
 from standins.waiting import hanging, wait_for_file
 
 __all__ = [
     "FakeAgentAPI",
     "FakeCoderd",
     "FakeMessage",
+    "ForwardProxy",
     "Upload",
     "coder_error",
+    "front_body_limit",
     "hanging",
+    "nginx_page",
     "now_rfc3339",
     "problem",
+    "redirecting",
     "sse_event",
     "wait_for_file",
 ]

@@ -12,14 +12,14 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from agent_sidecar import logs
-from agent_sidecar.aio import Backoff
+from agent_sidecar.aio import Backoff, Pulse
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation, Message, Status, make_message
 from agent_sidecar.sse import Decoder, Event, Oversized
@@ -55,6 +55,9 @@ class FollowState:
     mode: str = "events"  # or "polling"
     reconnects: int = 0
     last_error: str | None = None
+    # Notified once per disappearance of agentapi: a stream it had been following ended,
+    # and the next connect failed. The uploader then writes the last word (uploader.py).
+    gone: Pulse = field(default_factory=Pulse)
 
 
 def parse_message(data: dict[str, Any], text_field: str, retain_chars: int) -> Message | None:
@@ -175,6 +178,7 @@ class AgentAPI:
     ) -> None:
         """Keep `conversation` in step with agentapi until cancelled. Never returns."""
         backoff = Backoff()
+        lost = False  # a followed stream ended; the next failed connect means agentapi is gone
         while True:
             started = clock()
             try:
@@ -188,6 +192,9 @@ class AgentAPI:
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+                if lost and not conversation.connected:  # the connect after it failed
+                    self.state.gone.notify()
+            lost = conversation.connected
             conversation.set_connected(False)
             self.state.last_error = reason
             if clock() - started >= HEALTHY_CONNECTION_S:

@@ -314,7 +314,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from agent_sidecar.pipeline import StartupError, check
+
     loaded = _load(args)
+    try:
+        asyncio.run(check(loaded.settings))  # what `run` checks before it starts
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
     rows = []
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)
