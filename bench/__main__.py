@@ -14,6 +14,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +52,15 @@ NOTES = """How to read them:
   is full, so its cost stops growing once the history exceeds the cap.
 - Freshness and amplification run the real daemon on loopback with default settings
   against the agentapi and coderd stand-ins in `standins/`.
+- Client cost and start-up cost run each command as a child of one small runner process
+  (bare `python -S`, so its own memory does not inflate the children's peak RSS), in
+  interleaved rounds (paired runs, one process tree, shuffled order), against a running
+  `agent-sidecar run`, with bytecode cached as a wheel install has it. CPU is user + system
+  time of the child (wait4); peak RSS is its high-water mark. Medians. `run`'s READY is
+  read from /proc when its "ready" line appears (CPU of all its threads, VmHWM).
+  The floors: `python -c pass` (the interpreter alone), the stdlib a client needs
+  (`import http.client, socket, json, argparse`), and the daemon's stack
+  (`import aiohttp, pydantic_settings, structlog, prometheus_client, watchfiles`).
 """
 T = "2026-04-10T12:34:56.123456Z"
 Rows = list[tuple[str, ...]]
@@ -406,6 +416,199 @@ async def rss(directory: Path) -> str:
         "(the requirement: within 10 MiB).\n")
 
 
+# -- client and start-up cost (child processes against a running daemon) --------------------
+
+STDLIB_FLOOR = "import http.client, socket, json, argparse"
+STACK_FLOOR = "import aiohttp, pydantic_settings, structlog, prometheus_client, watchfiles"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CODER_", "AGENT_SIDECAR_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # cache bytecode, as a wheel install does
+    env.update(extra)
+    return env
+
+
+# The children are run by a small runner process (bare `python -S`, `os` alone), not by this
+# one: a child's peak RSS as wait4 reports it includes its parent's resident set at fork,
+# and this process holds aiohttp and the stand-ins (~50 MiB). The runner's ~5 MiB share
+# stays below the smallest child measured (`python -c pass`, ~9 MiB).
+RUNNER = """\
+import os
+devnull = os.open(os.devnull, os.O_RDWR)
+for index in SCHEDULE:
+    argv = CASES[index]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    print(index, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime,
+          usage.ru_maxrss)
+"""
+
+
+def run_children(argvs: list[list[str]], schedule: list[int],
+                 env: dict[str, str]) -> list[tuple[int, float, int]]:
+    """Run argvs[i] for each i of `schedule`, one after another, in one runner process:
+    (index, CPU s, peak RSS KiB) each. A child that fails fails the benchmark."""
+    source = f"CASES = {argvs!r}\nSCHEDULE = {schedule!r}\n" + RUNNER
+    out = subprocess.run([sys.executable, "-S", "-E", "-c", source], env=env, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    results = []
+    for line in out:
+        index, code, cpu, rss = line.split()
+        if code != "0":
+            raise RuntimeError(f"{argvs[int(index)]} exited {code}")
+        results.append((int(index), float(cpu), int(rss)))
+    return results
+
+
+def paired(cases: dict[str, list[str]], env: dict[str, str], rounds: int, seed: int,
+           live: tuple[str, Callable[[int], tuple[float, int]]] | None = None,
+           ) -> dict[str, tuple[float, float]]:
+    """Median (CPU s, peak RSS KiB) per case over `rounds` rounds, each case once per round
+    in a shuffled order, after a warm-up round (which also writes the bytecode caches).
+    `live` names one more measurement, taken once in each round, with the round's number."""
+    rng = random.Random(seed)
+    names = list(cases)
+    argvs = [cases[name] for name in names]
+    run_children(argvs, list(range(len(names))), env)
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
+    if live is not None:
+        samples[live[0]] = []
+    for round_ in range(rounds):
+        order = list(range(len(names)))
+        rng.shuffle(order)
+        for index, cpu, rss in run_children(argvs, order, env):
+            samples[names[index]].append((cpu, rss))
+        if live is not None:
+            samples[live[0]].append(live[1](round_))
+    return {name: (statistics.median(c for c, _ in runs),
+                   statistics.median(r for _, r in runs)) for name, runs in samples.items()}
+
+
+class Daemon:
+    """`agent-sidecar run` as a child process, up to its READY log line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if b'"event": "ready"' in line:
+                break
+        else:
+            raise RuntimeError(f"agent-sidecar run exited {self.proc.wait()} before READY")
+        self.ready_s = time.perf_counter() - self.started
+        self.cpu_s = sum(int(path.read_text().split()[0]) for path in
+                         Path(f"/proc/{self.proc.pid}/task").glob("*/schedstat")) / 1e9
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        self.peak_kib = next(int(line.split()[1]) for line in status.splitlines()
+                             if line.startswith("VmHWM:"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        assert self.proc.stderr is not None
+        self.proc.stderr.read()
+        self.proc.wait()
+
+
+def program() -> list[str]:
+    return [str(Path(sys.executable).parent / "agent-sidecar")]
+
+
+def client_cost_table(agentapi_url: str, directory: Path) -> str:
+    env = child_env(AGENT_SIDECAR_SOCKET=str(directory / "client.sock"),
+                    AGENT_SIDECAR_LOG_FORMAT="json")
+    daemon = Daemon([*program(), "run", "--agentapi-url", agentapi_url], env)
+    try:
+        py = sys.executable
+        cases = {
+            "`python -c pass`": [py, "-c", "pass"],
+            "stdlib floor": [py, "-c", STDLIB_FLOOR],
+            "`agent-sidecar check`": [*program(), "check"],
+            "`agent-sidecar check --live`": [*program(), "check", "--live"],
+            "`agent-sidecar status`": [*program(), "status"],
+            "`agent-sidecar send --raw $'\\x1b'`": [*program(), "send", "--raw", "\x1b"],
+        }
+        medians = paired(cases, env, rounds=40, seed=12)
+    finally:
+        daemon.stop()
+    base_cpu, base_rss = medians["`python -c pass`"]
+    floor_cpu = medians["stdlib floor"][0]
+    rows = [(name, f"{cpu * 1000:.1f}", f"{cpu / base_cpu:.2f}", f"{cpu / floor_cpu:.2f}",
+             f"{rss / 1024:.1f}", f"{rss / base_rss:.2f}")
+            for name, (cpu, rss) in medians.items()]
+    check_cpu, check_rss = medians["`agent-sidecar check`"]
+    met = check_cpu <= 6 * base_cpu and check_rss <= 25 * 1024
+    verdict = (f"\n`check` against a running sidecar: {check_cpu / base_cpu:.2f}x the CPU of "
+               f"`python -c pass` (target: at most 6x) and {check_rss / 1024:.1f} MiB at peak "
+               f"(target: at most 25 MiB): {'met' if met else 'NOT met'}. Before the light "
+               "client it was 37x and 51.5 MiB (issue 12).\n")
+    return table("Client cost: one command against a running sidecar (40 paired rounds)",
+                 ("command", "CPU ms (median)", "÷ python -c pass", "÷ stdlib floor",
+                  "peak RSS MiB", "÷ python -c pass"), rows) + verdict
+
+
+def startup_cost_table(agentapi_url: str, directory: Path) -> str:
+    env = child_env(AGENT_SIDECAR_LOG_FORMAT="json")
+    py = sys.executable
+    # The import floors stop once imported (os._exit), like READY is read mid-life: the
+    # interpreter's teardown of all those modules is no part of getting ready.
+    imported = "; import os; os._exit(0)"
+    cases = {
+        "`python -c pass`": [py, "-c", "pass"],
+        "stack floor": [py, "-c", STACK_FLOOR + imported],
+        **{f"of which `import {name}` alone": [py, "-c", f"import {name}" + imported]
+           for name in STACK_FLOOR.removeprefix("import ").split(", ")},
+        "import of all our modules": [py, "-c", "import agent_sidecar.cli, agent_sidecar.daemon, "
+                                      "agent_sidecar.config" + imported],
+        "`agent-sidecar --help`": [*program(), "--help"],
+        "`agent-sidecar run --help`": [*program(), "run", "--help"],
+    }
+    walls: list[float] = []
+
+    def ready(round_: int) -> tuple[float, int]:
+        daemon = Daemon([*program(), "run", "--agentapi-url", agentapi_url],
+                        {**env, "AGENT_SIDECAR_SOCKET": str(directory / f"r{round_}.sock")})
+        daemon.stop()
+        walls.append(daemon.ready_s)
+        return daemon.cpu_s, daemon.peak_kib
+
+    name = "`agent-sidecar run`, spawn to READY"
+    medians = paired(cases, env, rounds=15, seed=13, live=(name, ready))
+    base_cpu = medians["`python -c pass`"][0]
+    stack_cpu = medians["stack floor"][0]
+    ours_cpu = medians["import of all our modules"][0]
+    rows = [(name, f"{cpu * 1000:.0f}", f"{cpu / base_cpu:.2f}", f"{cpu / stack_cpu:.2f}",
+             f"{rss / 1024:.1f}") for name, (cpu, rss) in medians.items()]
+    ready_cpu = medians[name][0]
+    note = (f"\n`run` reaches READY in {statistics.median(walls) * 1000:.0f} ms of wall time "
+            f"and {ready_cpu * 1000:.0f} ms of CPU: {ready_cpu / stack_cpu:.2f}x the stack's "
+            f"import floor and {ready_cpu / ours_cpu:.2f}x the import of all our modules, "
+            f"which is itself {ours_cpu / stack_cpu:.2f}x the stack's. Imports dominate: "
+            "aiohttp and pydantic-settings are most of the stack's, and our modules add "
+            "aiohttp.web (the relay's server, which `import aiohttp` alone does not load) and "
+            "the building of the settings model. The rest (settings, socket, the first "
+            "agentapi connection) is small.\n")
+    return table("Start-up cost (15 paired rounds, READY included, against a stand-in agentapi)",
+                 ("command", "CPU ms (median)", "÷ python -c pass", "÷ stack floor",
+                  "peak RSS MiB"), rows) + note
+
+
+async def process_costs(directory: Path) -> list[str]:
+    async with FakeAgentAPI() as agent:
+        return [await asyncio.to_thread(client_cost_table, agent.url, directory),
+                await asyncio.to_thread(startup_cost_table, agent.url, directory)]
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as fh:
@@ -419,17 +622,23 @@ def machine() -> str:
 
 async def live(directory: Path) -> list[str]:
     return [await freshness(directory), await amplification(directory),
-            await relay_overhead(directory), await rss(directory)]
+            await relay_overhead(directory), await rss(directory),
+            *await process_costs(directory)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="also write the results as Markdown to FILE")
+    parser.add_argument("--costs", action="store_true",
+                        help="only the client and start-up cost tables (printed, not written)")
     args = parser.parse_args()
     logs.configure("error", "json")
     directory = Path(tempfile.mkdtemp(prefix="as-bench-", dir="/tmp"))
     try:
+        if args.costs:
+            print("\n".join(asyncio.run(process_costs(directory))))
+            return
         sections = [coverage(), pack_cost(), follower_cost(), *asyncio.run(live(directory))]
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -5,7 +5,16 @@ Not part of the wheel: the product ships only the simulated agent that `demo` ru
 scripted answers, and coderd's log-snapshot endpoint checked in coderd's order.
 """
 
-from standins.agentapi import FakeAgentAPI, FakeMessage, now_rfc3339, problem, sse_event
+from standins.agentapi import (
+    STABILIZE_FAILURE,
+    VERSIONS,
+    FakeAgentAPI,
+    FakeMessage,
+    Version,
+    now_rfc3339,
+    problem,
+    sse_event,
+)
 from standins.coderd import (
     FakeCoderd,
     Upload,
@@ -18,11 +27,14 @@ from standins.proxy import ForwardProxy
 from standins.waiting import hanging, wait_for_file
 
 __all__ = [
+    "STABILIZE_FAILURE",
+    "VERSIONS",
     "FakeAgentAPI",
     "FakeCoderd",
     "FakeMessage",
     "ForwardProxy",
     "Upload",
+    "Version",
     "coder_error",
     "front_body_limit",
     "hanging",

@@ -13,7 +13,6 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp.abc import AbstractStreamWriter
 from standins import FakeAgentAPI, FakeCoderd
 from yarl import URL
@@ -53,7 +52,7 @@ def log_output() -> Iterator[io.StringIO]:
     try:
         yield stream
     finally:
-        structlog.reset_defaults()
+        logs.reset()
 
 
 def make_settings(**values: Any) -> Settings:

@@ -37,13 +37,15 @@ def test_defaults() -> None:
 
 
 def test_socket_default_follows_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The socket lives in $XDG_RUNTIME_DIR when set, else in /tmp with our uid in its name."""
+    """The socket lives in $XDG_RUNTIME_DIR when set, else in a per-uid directory in TMPDIR."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert config.load().settings.socket == Path("/run/user/1234/agent-sidecar.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("TMPDIR", raising=False)
     import os
 
-    assert config.load().settings.socket == Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")
+    assert config.load().settings.socket == Path(
+        f"/tmp/agent-sidecar-{os.getuid()}/agent-sidecar.sock")
 
 
 def test_precedence_flag_env_file_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -91,6 +93,45 @@ def test_bare_field_names_are_not_environment_variables(monkeypatch: pytest.Monk
     s = config.load().settings
     assert s.task_id is None
     assert s.settle_s == 0.5
+
+
+@pytest.mark.parametrize("env", ["agent_sidecar_settle_s", "AGENT_SIDECAR_settle_s",
+                                 "Agent_Sidecar_Settle_S", "agent_sidecar_socket"])
+def test_only_the_documented_spelling_is_read(env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable is read by its documented name and case only; other spellings are ignored."""
+    monkeypatch.setenv(env, "/x.sock" if env.endswith("socket") else "9")
+    loaded = config.load()
+    assert loaded.settings.settle_s == 0.5
+    assert str(loaded.settings.socket) != "/x.sock"
+    assert set(loaded.origins.values()) == {"default"}
+
+
+def test_a_coder_variable_is_named_in_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CODER_AGENT_URL=file:///x is refused in one line naming CODER_AGENT_URL as the source,
+    with the expected form."""
+    monkeypatch.setenv("CODER_AGENT_URL", "file:///x")
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    assert str(err.value) == (
+        "invalid coder_url (from env CODER_AGENT_URL): must be an http(s) URL with a host, "
+        "like https://coder.example.com/; expected: Coder access URL; unset means no uploads")
+
+
+# Settings whose type takes any text, so that "bogus" is not an error for them.
+_TAKES_ANY_TEXT = {"coder_token", "coder_token_file", "sink_dir", "socket"}
+
+
+@pytest.mark.parametrize(("name", "env"), [
+    (name, env) for name in config.Settings.model_fields if name not in _TAKES_ANY_TEXT
+    for env in config.env_names(name)])
+def test_every_error_names_the_variable_actually_set(
+    name: str, env: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whichever of a setting's variables holds a bad value, the error names that variable."""
+    monkeypatch.setenv(env, "bogus")
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    assert str(err.value).startswith(f"invalid {name} (from env {env}): ")
 
 
 @pytest.mark.parametrize(
@@ -177,6 +218,22 @@ def test_config_command_masks_the_token_and_shows_sources() -> None:
     assert lines["coder_token"].endswith("env CODER_AGENT_TOKEN")
     assert lines["settle_s"].endswith("flag --settle-s")
     assert lines["retry_max_s"].endswith("default")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_config_command_masks_url_userinfo(as_json: bool) -> None:
+    """`agent-sidecar config` shows URLs with their `user:password@` masked, in both forms."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_SIDECAR_", "CODER_"))}
+    env["CODER_AGENT_URL"] = "https://deploy:hunter2pass@coder.example.com/"
+    env["AGENT_SIDECAR_AGENTAPI_URL"] = "http://agent:s3cret-pw@127.0.0.1:3284"
+    proc = run_cli("config", *(["--json"] if as_json else []), env=env)
+    assert proc.returncode == 0, proc.stderr
+    for secret in ("hunter2pass", "deploy", "s3cret-pw", "agent:"):
+        assert secret not in proc.stdout + proc.stderr
+    assert "https://**********@coder.example.com/" in proc.stdout
+    assert "http://**********@127.0.0.1:3284" in proc.stdout
 
 
 def test_config_command_exits_2_when_invalid() -> None:

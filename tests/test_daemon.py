@@ -231,3 +231,20 @@ async def test_status_and_health_describe_the_pipeline(
     assert status["uploads"]["last_outcome"] == "accepted"
     assert status["uploads"]["last_success_at"] is not None
     assert status["relay"]["queue_length"] == 0
+
+
+async def test_status_never_shows_a_url_password(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """A password in agentapi_url's userinfo is masked in /status and in the STATUS= line."""
+    import aiohttp
+
+    url = agent.url.replace("http://", "http://user:hunter2secret@")
+    settings = settings_for(agent, None, short_dir, agentapi_url=url)
+    async with serving(settings):
+        connector = aiohttp.UnixConnector(path=str(settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as http, \
+                http.get("http://x/status") as resp:
+            raw = await resp.text()
+    assert "hunter2secret" not in raw
+    assert json.loads(raw)["agentapi"]["url"].startswith("http://**********@127.0.0.1:")

@@ -250,3 +250,23 @@ async def test_the_relay_answers_while_a_component_is_being_restarted(
         if not served.done():
             served.cancel()
         await asyncio.gather(served, return_exceptions=True)
+
+
+async def test_livez_names_a_core_task_that_stopped(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """/livez is 200 while the follower and uploader run, and 503 naming the one that ended
+    (which supervision makes impossible short of a bug in it)."""
+    settings = settings_for(agent, None, short_dir)
+    async with serving(settings):
+        connector = aiohttp.UnixConnector(path=str(settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get("http://x/livez") as resp:
+                assert resp.status == 200
+            [follower] = [t for t in asyncio.all_tasks()
+                          if t.get_name() == "agent-sidecar-follower"]
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            async with http.get("http://x/livez") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["reasons"] == ["follower: stopped"]

@@ -355,6 +355,24 @@ async def test_healthz_reports_reasons(env: Env) -> None:
                                                "reasons": ["agentapi: not connected"]})
 
 
+async def test_livez_asks_only_whether_the_daemon_runs(env: Env) -> None:
+    """/livez is 200 alive with agentapi gone (while /healthz is 503) and while shutting down."""
+    assert await env.get("/livez") == (200, {"status": "alive"})
+    await env.agent.stop()
+    await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
+    assert (await env.get("/healthz"))[0] == 503
+    assert await env.get("/livez") == (200, {"status": "alive"})
+    env.relay.close()
+    assert await env.get("/livez") == (200, {"status": "alive"})
+
+
+async def test_livez_reports_stopped_tasks(env: Env) -> None:
+    """When the daemon says one of its tasks stopped, /livez is 503 naming it."""
+    env.relay._live = lambda: ["follower: stopped"]
+    assert await env.get("/livez") == (503, {"status": "stalled",
+                                             "reasons": ["follower: stopped"]})
+
+
 async def test_healthz_degraded_is_still_200(env: Env) -> None:
     """A degraded part (the sink) is reported with 200, so orchestrators do not restart us."""
     env.relay._health = lambda: Health([], ["sink: /x: Read-only file system"])
@@ -399,7 +417,7 @@ async def test_cli_send_waits_then_delivers_exactly_once(env: Env) -> None:
 
 
 async def test_cli_send_reads_stdin_and_reports_errors(env: Env) -> None:
-    """TEXT '-' reads stdin; a refusal exits 1 with the server's message on stderr."""
+    """TEXT '-' reads stdin; a busy agent exits 3 with the server's message on stderr."""
     ok = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "-",
                                  stdin="from stdin\n")
     assert ok.returncode == 0, ok.stderr
@@ -409,15 +427,15 @@ async def test_cli_send_reads_stdin_and_reports_errors(env: Env) -> None:
     await env.synced()
     busy = await asyncio.to_thread(cli, "send", "--socket", str(env.socket), "--wait", "0.1",
                                    "x")
-    assert busy.returncode == 1
+    assert busy.returncode == 3
     assert busy.stderr.startswith("agent-sidecar: The agent is still busy.")
 
 
 def test_cli_clients_without_a_daemon(short_dir: Path) -> None:
-    """With no daemon, send and status exit 1 with a hint, and check prints 'unhealthy'."""
+    """With no daemon, send exits 5 and status 1, with a hint; check prints 'unhealthy'."""
     path = str(short_dir / "none.sock")
     send = cli("send", "--socket", path, "x")
-    assert send.returncode == 1
+    assert send.returncode == 5
     assert "is `agent-sidecar run` running" in send.stderr
     check = cli("check", "--socket", path)
     assert check.returncode == 1

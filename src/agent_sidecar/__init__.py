@@ -14,9 +14,10 @@ configures logging. These names are resolved on first use, so that the light cli
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # not `typing`'s: importing typing is a cost every health probe pays
 if TYPE_CHECKING:
+    from typing import Any
+
     from agent_sidecar.config import Settings
     from agent_sidecar.daemon import Controls, serve
 

@@ -1,26 +1,48 @@
-"""main(): subcommands, asyncio.run, logging setup and exit codes. Only this module exits."""
+"""main(): subcommands, asyncio.run, logging setup and exit codes. Only this module exits.
+
+Two weights of command. `check`, `status`, `send`, `--help` and `--version` run on the
+standard library alone (the relay client is `client.py`, the socket rule `paths.py`): a
+health probe runs `check` every 30 s in every workspace, and importing the daemon's stack
+would cost it ten times over. `run`, `snapshot`, `config` and `demo` import what they need
+inside their functions, and their settings flags are built from the settings model only
+when one of them is the command being parsed.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+import time
 
-import aiohttp
+from agent_sidecar import client, paths
 
-from agent_sidecar import __version__, config, logs
-from agent_sidecar.config import ConfigError, Settings
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the annotations' names only: `typing` is not free at start-up
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+    from typing import Any, NoReturn
+
+    from agent_sidecar import config
+    from agent_sidecar.config import Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # bad configuration or usage: retrying will not help
 EXIT_INTERRUPTED = 130
+
+# `send`'s exit codes, from the relay's answer (README: "The relay API").
+EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
+EXIT_UNKNOWN = 4  # 504, or no answer: sent, outcome unknown; do not resend blindly
+EXIT_UNREACHABLE = 5  # 503, or no connection: never sent
+_SEND_EXITS = {204: EXIT_OK, 200: EXIT_OK, 400: EXIT_CONFIG, 413: EXIT_CONFIG,
+               409: EXIT_BUSY, 502: EXIT_FAILURE, 503: EXIT_UNREACHABLE, 504: EXIT_UNKNOWN}
+# What `send` assumes of a daemon whose GET /status does not say (relay.send_wait_s,
+# relay.send_timeout_s), and how much longer than the relay's own bound it waits.
+DEFAULT_SEND_WAIT_S = 30.0
+DEFAULT_SEND_TIMEOUT_S = 60.0
+SEND_MARGIN_S = 5.0
 
 _DESCRIPTION = """\
 Keeps Coder's task log snapshot fresh from agentapi's conversation, and relays input to
@@ -32,22 +54,101 @@ CODER_AGENT_URL, CODER_AGENT_TOKEN, CODER_AGENT_TOKEN_FILE), then the TOML file 
 """
 
 _EPILOG = """\
-exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice.
+exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice;
+`send` has more (see `agent-sidecar send --help`).
 """
+
+_SEND_EPILOG = """\
+exit codes:
+  0    delivered (with --reply: and the agent's answer printed)
+  1    refused by agentapi (its reason on stderr), or another failure
+  2    usage or configuration (the relay's 400 or 413)
+  3    the agent was still busy after the wait (409); nothing was sent
+  4    sent, outcome unknown (504, or no answer in time): the input may have been typed;
+       do not resend it blindly
+  5    never sent: the sidecar cannot be reached (or its socket is served by another
+       user), or it cannot reach agentapi (503)
+  130  interrupted
+"""
+
+
+def _width() -> int:
+    """The help width, as argparse finds it, without importing shutil (and bz2, lzma) on
+    every start: argparse makes a formatter for each argument it adds."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        stdout = sys.__stdout__
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns if stdout else 80
+        except (ValueError, OSError):  # not a terminal, or no descriptor
+            columns = 80
+    return columns - 2
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """The top level: its description has paragraphs of its own."""
 
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34)
+        super().__init__(prog, max_help_position=34, width=_width())
 
 
 class _Wrapping(argparse.HelpFormatter):
-    """Subcommands: one-paragraph descriptions, wrapped to the terminal."""
+    """Subcommands: one-paragraph descriptions, wrapped to the terminal; an epilog with line
+    breaks of its own (a table of exit codes) is kept as written."""
 
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34)
+        super().__init__(prog, max_help_position=34, width=_width())
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap  # argparse's own wrapping breaks socket paths at their hyphens
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Version(argparse.Action):
+    """--version, resolved only when asked for: the lookup reads the installed metadata."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from agent_sidecar import __version__
+
+        print(f"agent-sidecar {__version__}")
+        parser.exit()
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path  # not at start-up: the light commands take plain strings
+
+    return Path(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more: {text!r}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
 
 
 _METAVARS = {"agentapi_url": "URL", "coder_url": "URL", "coder_token_file": "PATH",
@@ -56,11 +157,14 @@ _METAVARS = {"agentapi_url": "URL", "coder_url": "URL", "coder_token_file": "PAT
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    from agent_sidecar import config
+    from agent_sidecar.config import Settings
+
     group = parser.add_argument_group(
         "settings", "Each is also an environment variable. The agent token is read only "
         "from CODER_AGENT_TOKEN or a token file: never from a flag, where any local user "
         "could read it.")
-    group.add_argument("--config", type=Path, metavar="PATH",
+    group.add_argument("--config", type=_path, metavar="PATH",
                        help=f"TOML settings file (env {config.CONFIG_ENV})")
     for name, info in Settings.model_fields.items():
         if name == "coder_token":
@@ -74,20 +178,31 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    from agent_sidecar.config import Settings
+
     fields = Settings.model_fields
     return {n: getattr(args, n) for n in fields if getattr(args, n, None) is not None}
 
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", type=Path, metavar="PATH",
-                        help="relay socket (default: AGENT_SIDECAR_SOCKET, else "
-                        f"{config.default_socket_path()})")
+    parser.add_argument("--socket", metavar="PATH",
+                        help=f"relay socket (default: {paths.SOCKET_ENV}, else the config "
+                        f"file's, else {paths.default_socket_path()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for `argv`. The settings flags of run, snapshot and config come from the
+    settings model; they are built only for the command that `argv` names, so that the
+    light commands and the top-level --help never import it."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+
+    def settings_flags(parser: argparse.ArgumentParser) -> None:
+        if parser.prog.rpartition(" ")[2] == command:
+            _settings_flags(parser)
+
     parser = argparse.ArgumentParser(prog="agent-sidecar", description=_DESCRIPTION,
                                      epilog=_EPILOG, formatter_class=_Formatter)
-    parser.add_argument("--version", action="version", version=f"agent-sidecar {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon: follow agentapi, upload, relay",
@@ -95,29 +210,43 @@ def build_parser() -> argparse.ArgumentParser:
                          "sink, without Coder), and serve the relay socket until SIGTERM or "
                          "Ctrl+C. SIGHUP reloads the config; a second Ctrl+C exits at once.",
                          formatter_class=_Wrapping)
-    _settings_flags(run)
+    settings_flags(run)
 
     snap = sub.add_parser("snapshot", help="pack agentapi's conversation once",
                           description="Read GET /messages once and print the packed snapshot "
                           "body, or write it with --output. With --upload, send it to Coder "
                           "with retries: a drop-in for the agentapi module's shutdown script.",
                           formatter_class=_Wrapping)
-    snap.add_argument("--output", "-o", type=Path, metavar="FILE",
+    snap.add_argument("--output", "-o", type=_path, metavar="FILE",
                       help="write the body here instead of stdout")
     snap.add_argument("--upload", action="store_true", help="upload it to Coder")
     snap.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up on the upload after this long, retries included (30)")
-    _settings_flags(snap)
+    settings_flags(snap)
 
     send = sub.add_parser("send", help="send input to the agent through the relay",
                           description="Deliver TEXT to the agent. A user message waits until "
-                          "the agent is ready; --raw sends keystrokes at once.",
-                          formatter_class=_Wrapping)
+                          "the agent is ready; --raw sends keystrokes at once. It waits as "
+                          "long as the daemon may take to answer (the wait, plus its "
+                          "send_timeout_s, from GET /status, plus 5 s), and never gives up "
+                          "earlier unless --timeout says so.",
+                          epilog=_SEND_EPILOG, formatter_class=_Wrapping)
     send.add_argument("text", metavar="TEXT", help="the input, or - to read it from stdin")
     send.add_argument("--raw", action="store_true",
                       help="send keystrokes as they are (e.g. $'\\x1b' for Escape), no waiting")
-    send.add_argument("--wait", type=float, metavar="SECONDS",
-                      help="how long to wait for the agent to be ready (server default 30)")
+    send.add_argument("--wait", type=_seconds, metavar="SECONDS",
+                      help="how long the relay waits for the agent to be ready (default: "
+                      f"the daemon's send_wait_s, {DEFAULT_SEND_WAIT_S:g} if it does not say)")
+    send.add_argument("--reply", action="store_true",
+                      help="wait until the agent has answered and is ready again, then print "
+                      "its new message(s) to stdout")
+    send.add_argument("--json", action="store_true",
+                      help='with --reply, print the answer as JSON: {"messages": [{"id", '
+                      '"role", "content", "time"}]}')
+    send.add_argument("--timeout", type=_timeout, metavar="SECONDS",
+                      help="give up after this long in all, --reply included (exit 4 once "
+                      "the input is sent; default: the daemon's own bound, and no limit "
+                      "for --reply)")
     _socket_arg(send)
 
     status = sub.add_parser("status", help="show what the running daemon is doing",
@@ -126,8 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(status)
 
     check = sub.add_parser("check", help="health check: exit 0 if healthy, 1 if not",
-                           description="One line, and exit 0 when healthy, 1 otherwise. "
-                           "Suits a Docker HEALTHCHECK.", formatter_class=_Wrapping)
+                           description="Readiness (GET /healthz): one line, and exit 0 when "
+                           "healthy or degraded, 1 otherwise: not following agentapi, uploads "
+                           "failing, shutting down, or no daemon. Suits a Docker HEALTHCHECK "
+                           "and a readiness probe. With --live, liveness only (GET /livez): "
+                           "exit 0 while the daemon's event loop answers and its tasks run, "
+                           "whatever agentapi or coderd do; for a liveness probe, which "
+                           "restarts the daemon and so drops its conversation.",
+                           formatter_class=_Wrapping)
+    check.add_argument("--live", action="store_true",
+                       help="liveness only: is the daemon itself alive?")
     _socket_arg(check)
 
     cfg = sub.add_parser("config", help="print the effective settings and their sources",
@@ -135,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "Exit 2 if the configuration is invalid (usable as ExecStartPre=).",
                          formatter_class=_Wrapping)
     cfg.add_argument("--json", action="store_true", help="print JSON")
-    _settings_flags(cfg)
+    settings_flags(cfg)
 
     demo = sub.add_parser("demo", help="see it work: a simulated agent, the sidecar, a sink",
                           description="Start a simulated agentapi on loopback, run the full "
@@ -143,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a prompt through the relay, and print each snapshot written.",
                           formatter_class=_Wrapping)
     demo.add_argument("--once", action="store_true", help="one scripted exchange, then exit 0")
-    demo.add_argument("--dir", type=Path, metavar="DIR",
+    demo.add_argument("--dir", type=_path, metavar="DIR",
                       help="where the socket and the sink go (default: a new temporary dir)")
     return parser
 
@@ -152,16 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> config.Loaded:
+    from agent_sidecar import config
+
     return config.load(_flags(args), config_file=args.config)
 
 
 def _setup_logs(settings: Settings) -> None:
+    from agent_sidecar import logs
+
     logs.configure(settings.log_level, settings.log_format)
+    logs.capture_uncaught()
     if settings.coder_token:
         logs.redactor.add(settings.coder_token.get_secret_value())
+    for url in (settings.coder_url, settings.agentapi_url):
+        logs.redactor.add_url(url)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent_sidecar import config, logs
     from agent_sidecar.daemon import Controls, serve
     from agent_sidecar.sdnotify import Notifier
 
@@ -170,8 +317,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def reread() -> Settings:
         new = config.load(_flags(args), config_file=loaded.config_file).settings
-        # Logging belongs to main(), not to serve(): the level is applied here.
-        logs.configure(new.log_level, loaded.settings.log_format)
+        # Logging belongs to main(), not to serve(): the level is applied here. Only the
+        # level: configuring again would also restart the repeat limiter's windows.
+        logs.set_level(new.log_level)
         return new
 
     async def main() -> int:
@@ -187,6 +335,9 @@ def _install_signals(shutdown: Callable[[], None], force: Callable[[], None],
                      reload: Callable[[], None] | None) -> None:
     """Handlers only set state: the first Ctrl+C or SIGTERM asks for the graceful shutdown,
     a second Ctrl+C forces it (the final upload is cut short, exit 130)."""
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     interrupts = 0
 
@@ -202,6 +353,8 @@ def _install_signals(shutdown: Callable[[], None], force: Callable[[], None],
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent_sidecar.oneshot import snapshot
 
     loaded = _load(args)
@@ -210,40 +363,13 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
                                 timeout_s=args.timeout))
 
 
-def _socket_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
-    env = os.environ.get("AGENT_SIDECAR_SOCKET")
-    return Path(env) if env else config.default_socket_path()
+def _socket_path(args: argparse.Namespace) -> str:
+    return paths.socket_path(args.socket)
 
 
-async def _call(path: Path, method: str, url: str, body: dict[str, Any] | None = None,
-                timeout_s: float = 10.0) -> tuple[int, Any]:
-    connector = aiohttp.UnixConnector(path=str(path))
-    async with aiohttp.ClientSession(connector=connector) as session, session.request(
-        method, f"http://sidecar{url}", json=body,
-        timeout=aiohttp.ClientTimeout(total=timeout_s),
-    ) as resp:
-        raw = await resp.read()
-        try:
-            return resp.status, json.loads(raw) if raw else None
-        except ValueError:
-            return resp.status, {"message": raw.decode("utf-8", "replace")}
-
-
-def _client(path: Path, method: str, url: str, body: dict[str, Any] | None = None,
-            timeout_s: float = 10.0) -> tuple[int, Any]:
-    try:
-        return asyncio.run(_call(path, method, url, body, timeout_s))
-    except (aiohttp.ClientConnectionError, OSError) as exc:
-        raise _Unreachable(f"cannot reach the sidecar at {path}: {exc.__class__.__name__}; "
-                           "is `agent-sidecar run` running (see --socket)?") from None
-    except TimeoutError:
-        raise _Unreachable(f"the sidecar at {path} did not answer in {timeout_s:g}s") from None
-
-
-class _Unreachable(Exception):
-    pass
+def _get(args: argparse.Namespace, target: str, timeout_s: float) -> tuple[int, Any]:
+    resp = client.call(_socket_path(args), "GET", target, timeout_s=timeout_s)
+    return resp.status, resp.json()
 
 
 def _print_error(data: Any) -> None:
@@ -255,23 +381,106 @@ def _print_error(data: Any) -> None:
         print(f"agent-sidecar: {data}", file=sys.stderr)
 
 
+def _relay_bounds(path: str, timeout_s: float | None) -> tuple[float, float]:
+    """The daemon's (send_wait_s, send_timeout_s) from GET /status, or the defaults when it
+    does not say. Raises Unreachable when there is no daemon to ask: nothing is sent then."""
+    timeout_s = 10.0 if timeout_s is None else min(10.0, timeout_s)
+    try:
+        resp = client.call(path, "GET", "/status", timeout_s=timeout_s)
+    except client.NoAnswer as exc:
+        raise client.Unreachable(str(exc)) from None
+    data = resp.json() if resp.status == 200 else None
+    relay = data.get("relay") if isinstance(data, dict) else None
+    relay = relay if isinstance(relay, dict) else {}
+
+    def number(key: str, default: float) -> float:
+        value = relay.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return default
+        return float(value) if 0 <= value < float("inf") else default
+
+    return (number("send_wait_s", DEFAULT_SEND_WAIT_S),
+            number("send_timeout_s", DEFAULT_SEND_TIMEOUT_S))
+
+
+def send_bound(wait_s: float, send_timeout_s: float) -> float:
+    """How long `send` waits for the relay's answer: never less than the relay may take."""
+    return wait_s + send_timeout_s + SEND_MARGIN_S
+
+
+def _print_reply(data: Any, as_json: bool) -> int:
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        print("agent-sidecar: the relay's reply is not {\"messages\": [...]}; the input was "
+              "delivered", file=sys.stderr)
+        return EXIT_FAILURE
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n\n".join(m["content"].rstrip("\n") for m in messages))
+    return EXIT_OK
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
+    if args.json and not args.reply:
+        print("agent-sidecar: --json goes with --reply: a plain send prints nothing",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    started = time.monotonic()
+
+    def left() -> float | None:
+        return None if args.timeout is None else args.timeout - (time.monotonic() - started)
+
     text = sys.stdin.read() if args.text == "-" else args.text
-    body: dict[str, Any] = {"input": text, "type": "raw" if args.raw else "user"}
-    if args.wait is not None:
-        body["wait_s"] = args.wait
-    wait = args.wait if args.wait is not None else 30.0
-    # agentapi's POST blocks up to ~18 s after the wait; leave room for it.
-    status, data = _client(_socket_path(args), "POST", "/send", body, timeout_s=wait + 60)
-    if status == 204:
-        return EXIT_OK
-    _print_error(data)
-    return EXIT_FAILURE
+    path = _socket_path(args)
+    try:
+        server_wait_s, send_timeout_s = _relay_bounds(path, left())
+        wait_s = server_wait_s if args.wait is None else args.wait
+        remaining = left()
+        if remaining is not None:
+            if remaining <= 0:
+                raise client.Unreachable(f"--timeout {args.timeout:g}s ran out before the "
+                                         "input was sent")
+            wait_s = min(wait_s, remaining)  # a busy agent then gets its 409 in time
+        body: dict[str, Any] = {"input": text, "type": "raw" if args.raw else "user",
+                                "wait_s": wait_s}
+        if args.reply:
+            body["reply"] = True
+        # The relay answers within wait_s + send_timeout_s; a reply takes as long as the
+        # agent's turn, which only --timeout bounds.
+        bound = None if args.reply else send_bound(wait_s, send_timeout_s)
+        if remaining is not None:
+            bound = remaining if bound is None else min(bound, remaining)
+        with client.Connection(path, bound) as conn:
+            try:
+                conn.send("POST", "/send", body)
+                resp = conn.receive()
+            except KeyboardInterrupt:
+                # Even mid-write: the relay may have the whole request before we know it.
+                print("agent-sidecar: interrupted; the input may already have been delivered",
+                      file=sys.stderr)
+                return EXIT_INTERRUPTED
+    except client.Unreachable as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except client.NoAnswer as exc:
+        print(f"agent-sidecar: {exc}; the input may have been delivered: do not resend it "
+              "blindly", file=sys.stderr)
+        return EXIT_UNKNOWN
+    data = resp.json()
+    code = _SEND_EXITS.get(resp.status, EXIT_FAILURE)
+    if code != EXIT_OK:
+        _print_error(data if data is not None else f"HTTP {resp.status}")
+        return code
+    if args.reply and resp.status == 200:
+        return _print_reply(data, args.json)
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    status, data = _client(_socket_path(args), "GET", "/status")
-    if status != 200:
+    status, data = _get(args, "/status", 10.0)
+    if status != 200 or not isinstance(data, dict):
         _print_error(data)
         return EXIT_FAILURE
     if args.json:
@@ -299,33 +508,42 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    bad = "not alive" if args.live else "unhealthy"
     try:
-        status, data = _client(_socket_path(args), "GET", "/healthz", timeout_s=5)
-    except _Unreachable as exc:
-        print(f"unhealthy: {exc}")
+        status, data = _get(args, "/livez" if args.live else "/healthz", 5.0)
+    except client.ClientError as exc:
+        print(f"{bad}: {exc}")
         return EXIT_FAILURE
-    if status == 200:
-        reasons = data.get("reasons") if isinstance(data, dict) else None
-        print("degraded: " + "; ".join(map(str, reasons)) if reasons else "healthy")
-        return EXIT_OK
     reasons = data.get("reasons") if isinstance(data, dict) else None
-    print("unhealthy: " + ("; ".join(map(str, reasons)) if reasons else str(data)))
+    if status == 200:
+        good = "alive" if args.live else "healthy"
+        print("degraded: " + "; ".join(map(str, reasons)) if reasons else good)
+        return EXIT_OK
+    detail = "; ".join(map(str, reasons)) if reasons else (
+        data.get("message") if isinstance(data, dict) and data.get("message") else
+        f"HTTP {status}")
+    print(f"{bad}: {detail}")
     return EXIT_FAILURE
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent_sidecar import config, logs
+    from agent_sidecar.config import ConfigError, Settings
     from agent_sidecar.pipeline import StartupError, check
 
     loaded = _load(args)
-    try:
-        asyncio.run(check(loaded.settings))  # what `run` checks before it starts
+    try:  # run's own checks, so that ExecStartPre= catches what would stop `run`
+        asyncio.run(check(loaded.settings))
     except StartupError as exc:
         raise ConfigError(str(exc)) from None
     rows = []
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)
         shown = config.SECRET_MASK if name == "coder_token" and value else value
-        rows.append((name, "" if shown is None else str(shown), loaded.origins[name]))
+        rows.append((name, "" if shown is None else logs.redact_url(str(shown)),
+                     loaded.origins[name]))
     if args.json:
         print(json.dumps({n: {"value": v, "source": o} for n, v, o in rows}, indent=2))
         return EXIT_OK
@@ -337,6 +555,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent_sidecar.demo import demo
 
     async def main() -> int:
@@ -358,22 +578,37 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
+_LIGHT = frozenset({"send", "status", "check"})
+
+
+def _refused(exc: Exception) -> int:
+    """Exit code 2 for a bad configuration or a start-up refusal; anything else propagates.
+    Only the heavy commands raise these, so their modules are loaded by then."""
+    from agent_sidecar.config import ConfigError
     from agent_sidecar.daemon import StartupError
 
-    args = build_parser().parse_args(argv)
-    try:
-        code = _COMMANDS[args.command](args)
-    except ConfigError as exc:
+    if isinstance(exc, ConfigError):
         for line in str(exc).splitlines():
             print(f"agent-sidecar: {line}", file=sys.stderr)
-        code = EXIT_CONFIG
-    except StartupError as exc:
+        return EXIT_CONFIG
+    if isinstance(exc, StartupError):
         print(f"agent-sidecar: cannot start: {exc}", file=sys.stderr)
-        code = EXIT_CONFIG
-    except _Unreachable as exc:
+        return EXIT_CONFIG
+    raise exc
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        code = _COMMANDS[args.command](args)
+    except client.ClientError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.command in _LIGHT:
+            raise
+        code = _refused(exc)
     sys.exit(code)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    AliasChoices,
     Field,
     PrivateAttr,
     SecretStr,
@@ -28,10 +27,11 @@ from pydantic_settings import (
 )
 from yarl import URL
 
+from agent_sidecar import paths
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, MIN_SNAPSHOT_BYTES
 
 ENV_PREFIX = "AGENT_SIDECAR_"
-CONFIG_ENV = "AGENT_SIDECAR_CONFIG"
+CONFIG_ENV = paths.CONFIG_ENV
 SECRET_MASK = "**********"  # noqa: S105 - what a secret is shown as
 
 # Which setting names the Coder agent's own variables feed. They are a contract with
@@ -47,13 +47,6 @@ class ConfigError(Exception):
     """The configuration is invalid; the message is one line per problem, fit for a person."""
 
 
-def default_socket_path() -> Path:
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return Path(runtime_dir) / "agent-sidecar.sock"
-    return Path(f"/tmp/agent-sidecar-{os.getuid()}.sock")  # noqa: S108 - per-uid name, 0600
-
-
 def env_names(name: str) -> tuple[str, ...]:
     """The environment variables that set a field, in the order they are consulted."""
     return (ENV_PREFIX + name.upper(), *_CODER_ALIASES.get(name, ()))
@@ -63,8 +56,15 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _aliases(name: str) -> AliasChoices:
-    return AliasChoices(*env_names(name))
+def from_env(name: str) -> tuple[str, str] | None:
+    """The variable that sets a field and its value: the first of `env_names(name)` that is
+    set and not empty, spelled exactly so. The settings and `load`'s report of where each
+    value came from both ask this, so the report always names what the user set."""
+    for env in env_names(name):
+        value = os.environ.get(env)
+        if value:
+            return env, value
+    return None
 
 
 # What a valid agent token looks like, for error messages (a description, not a secret).
@@ -88,16 +88,30 @@ def normalise_token(raw: str) -> str:
     return token
 
 
-def _http_url(value: str) -> str:
+def _http_url(value: str, example: str) -> str:
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("must be an http(s) URL with a host, like http://localhost:3284")
+        raise ValueError(f"must be an http(s) URL with a host, like {example}")
     return value
+
+
+def _default_socket() -> Path:
+    return Path(paths.default_socket_path())
 
 
 # The file values for the load in progress. A context variable rather than a class
 # attribute so that concurrent loads (tests) never see each other's file.
 _file_values: ContextVar[Mapping[str, Any] | None] = ContextVar("_file_values", default=None)
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        found = from_env(field_name)
+        return (found[1] if found else None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: found[1] for name in self.settings_cls.model_fields
+                if (found := from_env(name))}
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -111,12 +125,12 @@ class _FileSource(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     """Every knob of agent-sidecar. Names carry their units; each is also an env var."""
 
+    # The environment is read by _EnvSource: exactly the names env_names() documents, so
+    # the light client (paths.py, AGENT_SIDECAR_SOCKET) reads the same variable by the same
+    # rule, and no other spelling (another case, a bare field name) is quietly accepted.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
         extra="forbid",
-        populate_by_name=True,
         hide_input_in_errors=True,
-        env_ignore_empty=True,
         frozen=True,
     )
 
@@ -126,17 +140,14 @@ class Settings(BaseSettings):
     )
     coder_url: str | None = Field(
         None,
-        validation_alias=_aliases("coder_url"),
         description="Coder access URL; unset means no uploads",
     )
     coder_token: SecretStr | None = Field(
         None,
-        validation_alias=_aliases("coder_token"),
         description="Coder agent token (never accepted as a flag)",
     )
     coder_token_file: Path | None = Field(
         None,
-        validation_alias=_aliases("coder_token_file"),
         description="file holding the agent token; re-read when it changes, wins over the token",
     )
     task_id: uuid.UUID | None = Field(
@@ -155,7 +166,7 @@ class Settings(BaseSettings):
         description="directory where each snapshot is also written as <task-id or local>.json",
     )
     socket: Path = Field(
-        default_factory=default_socket_path,
+        default_factory=_default_socket,
         description="relay Unix socket path",
     )
     log_format: Literal["auto", "json", "console"] = Field(
@@ -261,12 +272,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _FileSource(settings_cls)
+        return init_settings, _EnvSource(settings_cls), _FileSource(settings_cls)
 
     @field_validator("agentapi_url")
     @classmethod
     def _check_agentapi_url(cls, value: str) -> str:
-        return _http_url(value)
+        return _http_url(value, "http://localhost:3284")
 
     @field_validator("coder_token")
     @classmethod
@@ -293,7 +304,7 @@ class Settings(BaseSettings):
     def _check_coder_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        return _http_url(value)
+        return _http_url(value, "https://coder.example.com/")
 
     @field_validator("metrics_addr")
     @classmethod
@@ -358,9 +369,6 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def _describe(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     field = str(error["loc"][0]) if error["loc"] else "?"
-    # A value read through an environment alias is reported under that alias: name the
-    # setting instead, and where it came from.
-    field = next((n for n in Settings.model_fields if field in env_names(n)), field)
     if error["type"] == "extra_forbidden":
         valid = ", ".join(sorted(Settings.model_fields))
         return f"unknown setting {field!r} ({origins.get(field, 'file')}); valid settings: {valid}"
@@ -386,8 +394,8 @@ def load(flags: Mapping[str, Any] | None = None, *, config_file: Path | None = N
     for name in [*Settings.model_fields, *file_values]:
         if name in flags:
             origins[name] = f"flag {flag_name(name)}"
-        elif found := next((e for e in env_names(name) if os.environ.get(e)), None):
-            origins[name] = f"env {found}"
+        elif found := from_env(name):
+            origins[name] = f"env {found[0]}"
         elif name in file_values:
             origins[name] = f"file {config_file}"
         else:

@@ -27,6 +27,7 @@ from agent_sidecar.coder import plain_http_warning
 from agent_sidecar.config import Settings
 from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
+from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import RelayError
 from agent_sidecar.sdnotify import Notifier
 from agent_sidecar.snapshot import Packed
@@ -123,6 +124,7 @@ class _Run:
 
         self.follower = task("follower", lambda: p.agentapi.follow(p.conversation))
         self.uploader = task("uploader", p.uploader.run)
+        p.running.update(follower=self.follower, uploader=self.uploader)
         self.helpers = [
             task("systemd_status", self._keep_status),
             task("watchdog", self.notifier.watchdog),
@@ -282,7 +284,7 @@ def _log_uploads(pipeline: Pipeline) -> None:
         say("uploads_disabled", reason=reason,
             sink=str(pipeline.sink.path) if pipeline.sink else None)
     elif pipeline.coder is not None:
-        log.info("uploads_enabled", url=str(pipeline.coder.url))
+        log.info("uploads_enabled", url=redact_url(str(pipeline.coder.url)))
         log_plain_http(pipeline.settings)
 
 

@@ -1,92 +1,165 @@
-"""structlog setup: JSON lines or console, secret redaction, and rate-limited repeats."""
+"""One logging pipeline: our structlog events and every stdlib `logging` record (aiohttp,
+asyncio, Python's warnings) go through one handler and the same processors: JSON lines or
+console, the repeat limiter, secret redaction, and journald priorities."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-REDACTED = "**********"
+from agent_sidecar.redact import REDACTED, Redactor, redact_url
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
-
-class Redactor:
-    """Replaces every known secret, wherever it appears, before and after rendering.
-
-    Before rendering it walks the event's values; after rendering it scans the final
-    line, which also covers tracebacks and reprs that embed the secret.
-    """
-
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
-
-    def add(self, secret: str) -> None:
-        # Very short strings would redact ordinary words; real tokens are UUIDs.
-        if len(secret) >= 8:
-            self._secrets.add(secret)
-
-    def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-
-    def _walk(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, dict):
-            return {k: self._walk(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(self._walk(v) for v in value)
-        return value
-
-    def event(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-        if not self._secrets:
-            return event_dict
-        return {k: self._walk(v) for k, v in event_dict.items()}
-
-    def rendered(self, _: WrappedLogger, __: str, line: str) -> str:
-        return self.scrub(line)
+redactor = Redactor()
 
 
-class RepeatLimiter:
+class RepeatLimiter(logging.Filter):
     """Lets one warning or error of a kind through per window; counts the rest.
 
-    A kind is the level, the event and its `error` field. The next one let through
-    after a quiet window carries `suppressed=N`, so nothing is hidden silently.
+    A kind is the logger, the level, the event and its `error` field; for a stdlib record,
+    the first line of its message template and its exception's type. The next one let
+    through after a quiet window carries `suppressed=N`, so nothing is hidden silently. It
+    filters the one handler, so our events and stdlib records are limited alike.
     """
 
     def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  max_kinds: int = 1024) -> None:
+        super().__init__()
         self._window_s = window_s
         self._clock = clock
         self._max_kinds = max_kinds
-        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._seen: dict[tuple[str, str, str, str], tuple[float, int]] = {}
 
-    def __call__(self, _: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
-        if method not in ("warning", "error", "critical", "exception"):
-            return event_dict
-        key = (method, str(event_dict.get("event")), str(event_dict.get("error", "")))
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = _kind(record)
         now = self._clock()
         first, suppressed = self._seen.get(key, (None, 0))
         if first is not None and now - first < self._window_s:
             self._seen[key] = (first, suppressed + 1)
-            raise structlog.DropEvent
+            return False
         if len(self._seen) >= self._max_kinds:
             self._seen.clear()  # bounded memory beats perfect accounting
         self._seen[key] = (now, 0)
         if suppressed:
-            event_dict["suppressed"] = suppressed
-        return event_dict
+            if isinstance(record.msg, dict):  # one of ours: its event dict
+                record.msg["suppressed"] = suppressed
+            else:
+                record.suppressed = suppressed
+        return True
 
 
-redactor = Redactor()
+def _kind(record: logging.LogRecord) -> tuple[str, str, str, str]:
+    if isinstance(record.msg, dict):
+        event, error = record.msg.get("event"), record.msg.get("error", "")
+    else:
+        event = str(record.msg).partition("\n")[0]  # the template: peers' addresses vary
+        kind = record.exc_info[0] if record.exc_info else None
+        error = kind.__name__ if kind else ""
+    return record.name, record.levelname, str(event), str(error)
+
+
+def _priority(levelno: int) -> int:
+    """The syslog priority of a level: debug 7, info 6, warning 4, error 3, critical 2."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                            (logging.INFO, 6)):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+def _journald(stream: TextIO) -> bool:
+    """Whether `stream` is journald's: JOURNAL_STREAM holds the device and inode of the stream
+    systemd connected, which stays true only while nothing has redirected it."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):  # no file behind it, or no such variable
+        return False
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """The one handler: writes each rendered record, with journald's `<N>` priority prefix on
+    every line when the stream is journald's (its SyslogLevelPrefix, on by default)."""
+
+    def __init__(self, stream: TextIO, journald: bool) -> None:
+        super().__init__(stream)
+        self._journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if not self._journald:
+            return line
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + part for part in line.split("\n"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # A record that could not be rendered: say so in one line of the same shape, without
+        # its content, which is where the failure lies and may hold a secret.
+        failure = sys.exc_info()[0]
+        line = json.dumps({"event": "log_record_unrenderable", "level": "error",
+                           "logger": record.name,
+                           "error": failure.__name__ if failure else "unknown"})
+        try:
+            self.stream.write(("<3>" if self._journald else "") + line + self.terminator)
+            self.flush()
+        except Exception:  # noqa: S110 - nowhere left to report to
+            pass
+
+
+def _foreign(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """A stdlib record's origin, and the limiter's count (a filter can only set attributes)."""
+    record: logging.LogRecord = event_dict["_record"]
+    event_dict["logger"] = record.name
+    suppressed = getattr(record, "suppressed", 0)
+    if suppressed:
+        event_dict["suppressed"] = suppressed
+    return event_dict
+
+
+def _walk(value: Any) -> Any:
+    if isinstance(value, str):
+        return redactor.scrub(value)
+    if isinstance(value, dict):
+        return {_walk(k): _walk(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_walk(v) for v in value)
+    return value  # anything else is rendered by repr(), which the line scrub covers
+
+
+def _redact_event(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Masks secrets in every key and value, before rendering escapes them or cuts them."""
+    return {k: _walk(v) for k, v in event_dict.items()}
+
+
+def _redact_json_line(_: WrappedLogger, __: str, line: str) -> str:
+    """Masks what only rendering reveals: reprs of objects, exception texts."""
+    return redactor.scrub_escaped(line)
+
+
+def _redact_console_line(_: WrappedLogger, __: str, line: str) -> str:
+    return redactor.scrub(line)
+
+
+_OURS = "agent_sidecar"  # the stdlib logger under which our events travel
+_handler: _Handler | None = None
+_timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
 
 def configure(
@@ -95,34 +168,146 @@ def configure(
     stream: TextIO | None = None,
     limiter: RepeatLimiter | None = None,
 ) -> None:
-    """Configure structlog process-wide. Only main() and tests call this."""
+    """Route every log record of the process to `stream` (stderr) through one pipeline.
+
+    Replaces what an earlier call set up. Only main() and tests call this.
+    """
+    global _handler
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Callable[[WrappedLogger, str, EventDict], Any]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer, redact_line = structlog.processors.JSONRenderer(), _redact_json_line
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        limiter or RepeatLimiter(),
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks are plain text, never with locals, whether or not rich is installed:
+        # format_exc_info below turns them into text before the renderer sees them, and the
+        # renderer's own formatter is plain too.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback)
+        redact_line = _redact_console_line
+    final: list[Any] = [  # Any: the last two take and give the rendered line
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        structlog.processors.format_exc_info,  # one field: a JSON line stays one line
+        _redact_event,
+        renderer,
+        redact_line,
     ]
-    if fmt == "json":  # the console renderer formats exceptions itself
-        processors.append(structlog.processors.format_exc_info)
-    processors += [redactor.event, renderer, redactor.rendered]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            _foreign,
+            structlog.processors.add_log_level,
+            _timestamper,
+        ],
+        processors=final,
+    )
+    handler = _Handler(stream, journald=_journald(stream))
+    handler.setFormatter(formatter)
+    handler.addFilter(limiter or RepeatLimiter())
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    _handler = handler
+    _set_thresholds(_LEVELS[level])
     structlog.configure(
-        processors=processors,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _timestamper,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
 
 
+def set_level(level: str) -> None:
+    """Change the level at once for our events and for stdlib records (a live reload)."""
+    _set_thresholds(_LEVELS[level])
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
+
+
+def _set_thresholds(level: int) -> None:
+    # Our records follow the level. A library's start at warning (or the level, if higher):
+    # below that they speak of their own internals (asyncio's choice of selector, watchfiles'
+    # polling), which would drown ours at debug.
+    logging.getLogger().setLevel(max(level, logging.WARNING))
+    logging.getLogger(_OURS).setLevel(level)
+    if _handler is not None:
+        _handler.setLevel(level)  # also for a library that lowered its own logger's level
+
+
+_saved_hooks: tuple[Any, Any, Any] | None = None
+
+
+def capture_uncaught() -> None:
+    """Also route through the pipeline what Python would print by itself: an uncaught
+    exception (in any thread), an exception ignored in a finalizer, and warnings.
+
+    Process-wide; main() calls it after configure(). reset() undoes it.
+    """
+    global _saved_hooks
+    if _saved_hooks is None:
+        _saved_hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    sys.excepthook = _excepthook
+    threading.excepthook = _thread_excepthook
+    sys.unraisablehook = _unraisablehook
+    logging.captureWarnings(True)
+
+
+def _excepthook(kind: type[BaseException], exc: BaseException,
+                tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    get("python").critical("uncaught_exception", exc_info=(kind, exc, tb))
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    get("python").error("thread_exception", thread=args.thread.name if args.thread else None,
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _unraisablehook(args: sys.UnraisableHookArgs) -> None:
+    try:
+        where = repr(args.object)
+    except Exception:
+        where = f"<{type(args.object).__name__} object>"
+    get("python").error("unraisable_exception", message=args.err_msg or "Exception ignored in",
+                        object=where,
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def reset() -> None:
+    """Undo configure() and capture_uncaught(); for tests."""
+    global _handler, _saved_hooks
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler = None
+    root.setLevel(logging.WARNING)
+    logging.getLogger(_OURS).setLevel(logging.NOTSET)
+    if _saved_hooks is not None:
+        sys.excepthook, threading.excepthook, sys.unraisablehook = _saved_hooks
+        _saved_hooks = None
+        logging.captureWarnings(False)
+    structlog.reset_defaults()
+
+
 def get(name: str) -> FilteringBoundLogger:
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.get_logger(f"{_OURS}.{name}")  # type: ignore[no-any-return]
 
 
-__all__ = ["REDACTED", "Redactor", "RepeatLimiter", "configure", "get", "redactor"]
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters of `text`, redacted first: use it wherever a peer's text is
+    cut to fit a log line, so the cut cannot leave an unrecognisable piece of a secret."""
+    return redactor.clip(text, limit)
+
+
+__all__ = ["REDACTED", "Redactor", "RepeatLimiter", "capture_uncaught", "clip", "configure",
+           "get", "redact_url", "redactor", "reset", "set_level"]

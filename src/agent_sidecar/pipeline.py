@@ -13,6 +13,7 @@ can change while it runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -24,13 +25,14 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from agent_sidecar import __version__, logs
+from agent_sidecar import __version__, logs, paths
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
 from agent_sidecar.proxy import Proxies, ProxyError
+from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import Health, Relay
 from agent_sidecar.sink import Sink
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
@@ -102,8 +104,10 @@ class Pipeline:
         self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
                                  self.metrics, agentapi_gone=self.agentapi.state.gone,
                                  on_packed=on_snapshot)
+        # What serve() runs, by name, so that /livez can tell a task that stopped.
+        self.running: dict[str, asyncio.Task[None]] = {}
         self.relay = Relay(self.agentapi, self.conversation, self.metrics, settings,
-                           status=self.status, health=self.health)
+                           status=self.status, health=self.health, live=self.stopped)
 
     async def aclose(self) -> None:
         await self.agent_http.close()
@@ -137,7 +141,7 @@ class Pipeline:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "shutting_down": self.relay.closing,
             "agentapi": {
-                "url": self.settings.agentapi_url,
+                "url": redact_url(self.settings.agentapi_url),
                 "connected": self.conversation.connected,
                 "mode": follow.mode,
                 "agent_status": self.conversation.status,
@@ -184,11 +188,18 @@ class Pipeline:
             health.degraded.append(f"sink: {self.sink.error}")
         return health
 
+    def stopped(self) -> list[str]:
+        """GET /livez: the tasks that never end on their own but have ended (the follower
+        and the uploader are supervised, so this means the supervision itself is gone)."""
+        if self.relay.closing:
+            return []
+        return [f"{name}: stopped" for name, task in self.running.items() if task.done()]
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
         conv, up = self.conversation, self.uploader
         if not conv.connected and conv.status is None:
-            return f"waiting for agentapi at {self.settings.agentapi_url}"
+            return f"waiting for agentapi at {redact_url(self.settings.agentapi_url)}"
         following = "following agentapi" if conv.connected else "agentapi unreachable"
         uploads = f"uploads {up.state}" if up.client is not None else "uploads off"
         return (f"{following}, {conv.count} messages, "
@@ -239,19 +250,19 @@ def coder_proxies(settings: Settings, environ: Mapping[str, str]) -> Proxies:
 
 async def check(settings: Settings) -> None:
     """Every start-up check of `run` that needs no socket bound and no peer up: the proxy
-    for coderd, and the token file's readability and validity. `agent-sidecar config`
-    runs it. Raises StartupError."""
+    for coderd, the token file's readability and validity, and the socket directory.
+    `agent-sidecar config` runs it. Raises StartupError."""
     coder_proxies(settings, os.environ)
     if settings.uploads_disabled_reason is None:
         try:
             await TokenSource(settings).load()
         except TokenError as exc:
             raise StartupError(str(exc)) from None
-    check_socket_directory(settings)
-
-
-def check_socket_directory(settings: Settings) -> None:
-    """HOOK (merge): the socket directory's owner, mode 0700 and not-a-symlink checks of
-    issue 15 item 9 belong here, calling the `paths.py` check that the client helper is
-    writing, so that `config` runs them as `run` does. "Socket in use" stays a `run`-only
-    check, so `config` still works next to a running daemon."""
+    # The socket directory's owner, mode and symlink checks, as `run` makes them; "socket
+    # in use" stays a `run`-only check, so that `config` works next to a running daemon.
+    try:
+        paths.ensure_private_dir(str(settings.socket), create=False)
+    except paths.UnsafeDirectory as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"socket directory: {exc.strerror or exc}") from None

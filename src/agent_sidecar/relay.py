@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from agent_sidecar import logs
+from agent_sidecar import logs, paths
 from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable, NotStable
 from agent_sidecar.aio import first_of
 from agent_sidecar.config import Settings
@@ -72,6 +72,10 @@ def bind_unix(path: Path) -> socket.socket:
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise RelayError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
                          "choose a shorter --socket")
+    try:
+        paths.ensure_private_dir(str(path))  # the per-uid default directory: ours, 0700
+    except paths.UnsafeDirectory as exc:
+        raise RelayError(str(exc)) from None
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True)
@@ -161,6 +165,7 @@ class Relay:
         *,
         status: Callable[[], dict[str, Any]] = dict,
         health: Callable[[], Health] = Health,
+        live: Callable[[], list[str]] = list,
         uid_of: Callable[[web.Request], int | None] = peer_uid,
     ) -> None:
         self.agentapi = agentapi
@@ -169,6 +174,7 @@ class Relay:
         self.settings = settings
         self._status = status
         self._health = health
+        self._live = live
         self._uid_of = uid_of
         self._allowed_uids = {0, os.getuid()}
         self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
@@ -184,6 +190,7 @@ class Relay:
         self.app.router.add_post("/send", self._send)
         self.app.router.add_get("/status", self._get_status)
         self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/livez", self._livez)
         self.app.router.add_get("/metrics", self._metrics)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -357,6 +364,16 @@ class Relay:
             return web.json_response({"status": "degraded", "reasons": health.degraded})
         return web.json_response({"status": "ok"})
 
+    async def _livez(self, request: web.Request) -> web.Response:
+        """Liveness only: answering proves the event loop turns, and `live` names any of the
+        daemon's tasks that stopped. Never agentapi or uploads: a dependency that is slow to
+        come up must not get the daemon restarted and its conversation dropped. Still 200
+        while shutting down, so a probe does not kill the final upload."""
+        stopped = self._live()
+        if stopped:
+            return web.json_response({"status": "stalled", "reasons": stopped}, status=503)
+        return web.json_response({"status": "alive"})
+
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=self.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE
@@ -402,7 +419,8 @@ def _parse_send(raw: bytes, default_wait_s: float) -> tuple[str, str, float] | w
 
 def _shape(exc: web.HTTPException) -> web.Response:
     messages = {
-        404: "No such endpoint; the relay serves POST /send, GET /status, /healthz, /metrics.",
+        404: "No such endpoint; the relay serves POST /send, GET /status, /healthz, /livez, "
+             "/metrics.",
         405: "Method not allowed on this endpoint.",
         413: f"The request body is over {MAX_BODY_BYTES} bytes.",
     }
@@ -415,4 +433,4 @@ def _shape(exc: web.HTTPException) -> web.Response:
 
 def _known(path: str) -> str:
     # A bounded label set: random paths from a fuzzer must not grow the registry.
-    return path if path in ("/send", "/status", "/healthz", "/metrics") else "other"
+    return path if path in ("/send", "/status", "/healthz", "/livez", "/metrics") else "other"

@@ -109,7 +109,9 @@ class SimulatedAgentAPI:
         self.host = host
         self.port = port
         self.buffer = SUBSCRIBER_BUFFER
+        # PTY: message 0 is the agent's start-up screen (agentapi-protocol.md §11).
         self.messages: list[SimMessage] = [SimMessage(0, "agent", "")]
+        self._next_id = 1  # ids are never reused, even after a message is removed
         self.status = "stable"
         self.received: list[tuple[str, str]] = []  # (type, content) of accepted POST /message
         self._subscribers: set[asyncio.Queue[bytes | None]] = set()
@@ -180,13 +182,11 @@ class SimulatedAgentAPI:
             self.publish(sse_event("status_change", self.status_event()))
 
     def add_message(self, role: str, content: str) -> SimMessage:
-        message = SimMessage(self.next_id(), role, content)
+        message = SimMessage(self._next_id, role, content)
+        self._next_id += 1
         self.messages.append(message)
         self.publish(sse_event("message_update", message.sse()))
         return message
-
-    def next_id(self) -> int:
-        return self.messages[-1].id + 1 if self.messages else 0
 
     def update_message(self, id_: int, content: str) -> None:
         message = next(m for m in self.messages if m.id == id_)
@@ -284,13 +284,16 @@ class SimulatedAgentAPI:
 
     async def turn(self, prompt: str) -> None:
         """The agent's reply: streamed in `chunks`, then stable after `stable_after_s`."""
-        text = self.reply(prompt)
         agent = self.add_message("agent", "")
-        for i in range(1, self.chunks + 1):
-            await asyncio.sleep(self.chunk_delay_s)
-            self.update_message(agent.id, text[: len(text) * i // self.chunks])
+        await self.stream(agent.id, self.reply(prompt))
         await asyncio.sleep(self.stable_after_s)
         self.set_status("stable")
+
+    async def stream(self, id_: int, text: str) -> None:
+        """Rewrite message `id_` with ever longer prefixes of `text`, as a screen fills."""
+        for i in range(1, self.chunks + 1):
+            await asyncio.sleep(self.chunk_delay_s)
+            self.update_message(id_, text[: len(text) * i // self.chunks])
 
 
 def send_failed(request: web.Request, why: str) -> web.Response:

@@ -1,0 +1,111 @@
+"""Where the relay socket lives: one rule, shared by the daemon's settings and the clients.
+
+The socket is, in order: the `--socket` flag, `AGENT_SIDECAR_SOCKET`, the `socket` key of the
+TOML file named by `AGENT_SIDECAR_CONFIG`, `$XDG_RUNTIME_DIR/agent-sidecar.sock`, and else
+`${TMPDIR:-/tmp}/agent-sidecar-<uid>/agent-sidecar.sock`. That last directory sits in a
+world-writable place, so the daemon creates it 0700 and verifies it on every start: another
+local user who created it first could otherwise serve the socket in our place.
+
+Standard library only, and no pathlib: `check`, `status` and `send` import this module, and
+what they import is what every health probe pays for.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+
+SOCKET_ENV = "AGENT_SIDECAR_SOCKET"
+CONFIG_ENV = "AGENT_SIDECAR_CONFIG"
+SOCKET_NAME = "agent-sidecar.sock"
+
+
+class UnsafeDirectory(Exception):
+    """The socket's private directory cannot be trusted; the message says what to do."""
+
+
+def _absolute(environ: Mapping[str, str], name: str) -> str | None:
+    # Empty or relative values are ignored, as the XDG spec asks: a relative path would
+    # point somewhere else for every process started from another directory.
+    value = environ.get(name, "")
+    return value if os.path.isabs(value) else None
+
+
+def private_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """`${TMPDIR:-/tmp}/agent-sidecar-<uid>`: the directory used without XDG_RUNTIME_DIR."""
+    environ = os.environ if environ is None else environ
+    base = _absolute(environ, "TMPDIR") or "/tmp"  # noqa: S108 - made private below
+    return os.path.join(base, f"agent-sidecar-{os.getuid() if uid is None else uid}")
+
+
+def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """The socket when neither a flag, the environment nor the config file names one."""
+    environ = os.environ if environ is None else environ
+    runtime_dir = _absolute(environ, "XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return os.path.join(runtime_dir, SOCKET_NAME)
+    return os.path.join(private_dir(environ), SOCKET_NAME)
+
+
+def _from_config_file(environ: Mapping[str, str]) -> str | None:
+    name = environ.get(CONFIG_ENV)
+    if not name:
+        return None
+    import tomllib  # only when a config file is in use
+
+    try:
+        with open(name, "rb") as fh:
+            value = tomllib.load(fh).get("socket")
+    except (OSError, ValueError):
+        return None  # the daemon refuses such a file; the client then finds nobody there
+    return value if isinstance(value, str) and value else None
+
+
+def socket_path(flag: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The socket a client talks to: the same rule as the daemon's `socket` setting."""
+    environ = os.environ if environ is None else environ
+    return (flag or environ.get(SOCKET_ENV) or _from_config_file(environ)
+            or default_socket_path(environ))
+
+
+def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,
+                       create: bool = True) -> None:
+    """If `socket` is in the per-uid directory, create that 0700 and verify it is ours.
+
+    Verified on every start: a directory, not a symlink, owned by us, mode exactly 0700.
+    Other directories (XDG_RUNTIME_DIR, or one chosen with --socket) are the user's to
+    choose; the daemon only creates a missing one 0700. With `create=False` (`config`, a
+    dry run) a missing directory passes: `run` will create it.
+    """
+    directory = os.path.dirname(os.path.abspath(socket))
+    if directory != private_dir(environ):
+        return
+    if create:
+        try:
+            os.mkdir(directory, 0o700)  # the umask can only make it stricter; fixed below
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(directory, 0o700)
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return  # only without create: `run` will make it
+    advice = ("set XDG_RUNTIME_DIR to a private directory, or choose the socket with --socket "
+              "(or AGENT_SIDECAR_SOCKET)")
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDirectory(f"socket directory {directory} is a symlink, which another user "
+                              f"may have planted; remove it, or {advice}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"socket directory {directory} is not a directory; remove it, "
+                              f"or {advice}")
+    if st.st_uid != os.getuid():
+        raise UnsafeDirectory(
+            f"socket directory {directory} belongs to uid {st.st_uid}, not to us (uid "
+            f"{os.getuid()}): another user created it first and could serve the socket in "
+            f"our place; {advice}")
+    mode = st.st_mode & 0o777  # a setgid bit inherited from the parent is harmless
+    if mode != 0o700:
+        raise UnsafeDirectory(f"socket directory {directory} has mode {mode:04o}, not 0700; "
+                              f"run `chmod 700 {directory}`, or {advice}")

@@ -1,0 +1,166 @@
+"""Another local user squats the default socket: nothing of ours talks to it or through it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.sidecar import clean_env
+
+pytestmark = pytest.mark.faults
+
+NOBODY = 65534
+# What a squatter would answer to make `check` say healthy: it speaks first, unasked.
+FAKE_HEALTHY = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n"
+                b"Connection: close\r\n\r\n{\"status\":\"ok\"}")
+
+
+@dataclass
+class Squatter:
+    pid: int
+    control: int  # closing it tells the squatter to report and exit
+    report: int
+    directory: Path
+    reaped: bool = False
+
+    def finish(self) -> dict[str, int]:
+        """Stop the squatter; what it received: connections and bytes."""
+        os.close(self.control)
+        with os.fdopen(self.report, "rb") as fh:
+            data = fh.read()
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        assert os.waitstatus_to_exitcode(status) == 0, data
+        result: dict[str, int] = json.loads(data)
+        return result
+
+
+def _squat(tmpdir: Path, control: int, report: int) -> None:
+    """The squatter's life, as uid 65534, in the forked child."""
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    directory = tmpdir / "agent-sidecar-0"
+    directory.mkdir(mode=0o755)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(directory / "agent-sidecar.sock"))
+    os.chmod(directory / "agent-sidecar.sock", 0o777)  # noqa: S103 - a squatter's bait
+    listener.listen(16)
+    os.write(report, b"ready\n")
+    connections = received = 0
+    while True:
+        ready, _, _ = select.select([listener.fileno(), control], [], [], 30)
+        if not ready:
+            raise TimeoutError("the test never finished")
+        if control in ready:  # the parent closed its end: report and go
+            os.write(report, json.dumps({"connections": connections,
+                                         "bytes": received}).encode())
+            return
+        conn, _ = listener.accept()
+        connections += 1
+        with conn, contextlib.suppress(OSError):  # a client that hung up resets
+            conn.settimeout(10)
+            conn.sendall(FAKE_HEALTHY)
+            while chunk := conn.recv(65536):
+                received += len(chunk)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A TMPDIR like /tmp (1777) that uid 65534 can reach: inside a dedicated 0711 directory,
+    since pytest's own temporary root is 0700."""
+    if os.getuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: the squatter test needs a second uid")
+        pytest.skip("needs root, to run the squatter as uid 65534")
+    base = Path(tempfile.mkdtemp(prefix="as-squat-", dir="/tmp"))
+    base.chmod(0o711)
+    tmpdir = base / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)
+    try:
+        yield tmpdir
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def squatter(shared_tmp: Path) -> Iterator[Squatter]:
+    control_r, control_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(control_w)
+            os.close(report_r)
+            _squat(shared_tmp, control_r, report_w)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(control_r)
+    os.close(report_w)
+    squat = Squatter(pid, control_w, report_r, shared_tmp / "agent-sidecar-0")
+    ready, _, _ = select.select([report_r], [], [], 30)
+    assert ready, "the squatter did not start"
+    assert os.read(report_r, 6) == b"ready\n"
+    try:
+        yield squat
+    finally:
+        if not squat.reaped:  # the test failed before finish(): stop it by its pid
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def cli(tmpdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = clean_env(TMPDIR=str(tmpdir))
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.run([sys.executable, "-m", "agent_sidecar", *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_squatted_default_socket_is_refused_by_every_command(squatter: Squatter) -> None:
+    """Another user who created the per-uid directory first: `run` refuses to start (exit 2,
+    saying what to do) and `config` says so too, `send` sends nothing, and `check` does not
+    say healthy."""
+    tmpdir = squatter.directory.parent
+    run = cli(tmpdir, "run", "--agentapi-url", "http://127.0.0.1:9")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"agent-sidecar: cannot start: socket directory {squatter.directory} belongs to uid "
+        f"{NOBODY}, not to us (uid 0): another user created it first and could serve the "
+        "socket in our place; set XDG_RUNTIME_DIR to a private directory, or choose the "
+        "socket with --socket (or AGENT_SIDECAR_SOCKET)"]
+
+    config = cli(tmpdir, "config")
+    assert config.returncode == 2
+    assert config.stderr == run.stderr.replace("cannot start: ", "")  # ExecStartPre= sees it
+
+    send = cli(tmpdir, "send", "rm -rf / is not what I meant")
+    assert send.returncode == 5
+    assert f"is served by uid {NOBODY}, not by us (uid 0) or root, so nothing was sent" in (
+        send.stderr)
+
+    check = cli(tmpdir, "check")
+    assert check.returncode == 1
+    assert check.stdout.startswith("unhealthy: the socket ")
+    assert f"is served by uid {NOBODY}" in check.stdout
+
+    status = cli(tmpdir, "status")
+    assert status.returncode == 1
+    assert "9.9.9" not in status.stdout
+
+    seen = squatter.finish()
+    assert seen == {"connections": 3, "bytes": 0}  # they came, checked, and said nothing
