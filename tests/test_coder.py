@@ -523,10 +523,10 @@ async def test_buildinfo_that_is_not_there_is_none(client: CoderClient) -> None:
 
 
 @pytest.mark.parametrize(("version", "words"), [
-    ("v2.37.0+abc", ["coderd v2.37.0+abc no longer has Coder Tasks (removed in v2.37)"]),
+    ("v2.37.0+abc", ["coderd v2.37.0+abc does not serve Coder Tasks", "removed in v2.37"]),
     ("v2.40.2", ["removed in v2.37"]),
-    ("v2.36.1", ["coderd v2.36.1 serves Coder Tasks only when an admin sets "
-                 "CODER_ENABLE_AI_TASKS=true"]),
+    ("v2.36.1", ["coderd v2.36.1 serves Coder Tasks, and its log-snapshot endpoint, only "
+                 "when an admin sets CODER_ENABLE_AI_TASKS=true"]),
     (None, ["this coderd", "v2.28 to v2.35", "v2.34 ESR", "CODER_ENABLE_AI_TASKS=true",
             "removed in v2.37"]),
     ("v2.20.0", ["coderd v2.20.0 does not serve", "CODER_ENABLE_AI_TASKS=true"]),
@@ -540,6 +540,7 @@ def test_the_tasks_hint_is_worded_by_version_and_never_says_upgrade(
     hint = tasks_hint(version, 300)
     for w in words:
         assert w in hint
+    assert "CODER_ENABLE_AI_TASKS=true" in hint  # what an admin can do, on any version
     assert "the sink and the relay keep working" in hint
     assert "upgrade" not in hint.lower()
 

@@ -806,7 +806,7 @@ async def test_an_unexpected_error_is_logged_backed_off_and_survived(
 
 
 async def test_two_thousand_failed_retries_never_overflow_the_back_off(
-    make: Callable[..., Awaitable[Harness]],
+    make: Callable[..., Awaitable[Harness]], log_output: io.StringIO,
 ) -> None:
     """The back-off exponent is bounded: 2 000 consecutive 503s (far past the 1 025 that
     would overflow 2**n as a float) are retried at the cap, and the upload then lands."""
@@ -824,3 +824,4 @@ async def test_two_thousand_failed_retries_never_overflow_the_back_off(
     await h.delivered(timeout_s=60)
     assert len(h.coderd.uploads) == failures + 1
     assert max(h.sleeps) <= 8
+    assert "uploader_error" not in log_output.getvalue()  # no OverflowError survived either

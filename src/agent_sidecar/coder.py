@@ -285,17 +285,16 @@ def tasks_unavailable(version: str | None) -> str:
     match = _VERSION.match(version or "")
     minor = int(match.group(2)) if match and match.group(1) == "2" else None
     if minor is not None and minor >= 37:
-        why = (f"coderd {version} no longer has Coder Tasks (removed in v2.37), nor its "
-               "log-snapshot endpoint")
-    elif minor == 36:
-        why = (f"coderd {version} serves Coder Tasks only when an admin sets "
-               "CODER_ENABLE_AI_TASKS=true")
-    else:
-        where = f"coderd {version}" if version else "this coderd"
-        why = (f"{where} does not serve Coder Tasks or its log-snapshot endpoint: Tasks is "
-               "served by v2.28 to v2.35 (and the v2.34 ESR), off in v2.36 unless an admin "
-               "sets CODER_ENABLE_AI_TASKS=true, and removed in v2.37 and later")
-    return why
+        return (f"coderd {version} does not serve Coder Tasks or its log-snapshot endpoint: "
+                "Tasks was removed in v2.37 (v2.36 serves it only with "
+                "CODER_ENABLE_AI_TASKS=true; v2.28 to v2.35 and the v2.34 ESR serve it)")
+    if minor == 36:
+        return (f"coderd {version} serves Coder Tasks, and its log-snapshot endpoint, only "
+                "when an admin sets CODER_ENABLE_AI_TASKS=true (Tasks is removed in v2.37)")
+    where = f"coderd {version}" if version else "this coderd"
+    return (f"{where} does not serve Coder Tasks or its log-snapshot endpoint: Tasks is "
+            "served by v2.28 to v2.35 (and the v2.34 ESR), off in v2.36 unless an admin "
+            "sets CODER_ENABLE_AI_TASKS=true, and removed in v2.37 and later")
 
 
 def tasks_hint(version: str | None, recheck_s: float) -> str:
