@@ -147,8 +147,8 @@ async def test_a_16kib_413_front_ends_with_a_stored_snapshot_within_it(
 async def test_tasks_unavailable_keeps_the_sidecar_healthy_and_says_why_in_status(
     agent: FakeAgentAPI, short_dir: Path,
 ) -> None:
-    """On a Coder without Tasks /healthz stays 200, /status shows the state, the version
-    and how long the newest change has gone unstored."""
+    """On a Coder without Tasks /healthz stays 200, /status and the metrics show the state,
+    /status the version and how long the newest change has gone unstored."""
     async with FakeCoderd(version="v2.37.0+deadbee") as coderd:
         coderd.tasks_served = False
         settings = settings_for(agent, coderd, short_dir, settle_s=0)
@@ -157,9 +157,15 @@ async def test_tasks_unavailable_keeps_the_sidecar_healthy_and_says_why_in_statu
             await coderd.wait_for(lambda: len(coderd.uploads) >= 1)
             status, health = await get(settings, "/healthz")
             _, state = await get(settings, "/status")
+            connector = aiohttp.UnixConnector(path=str(settings.socket))
+            async with aiohttp.ClientSession(connector=connector) as http, \
+                    http.get("http://sidecar/metrics") as resp:
+                metrics = await resp.text()
     assert status == 200
     assert health == {"status": "ok"}
     assert state["uploads"]["state"] == "tasks_unavailable"
+    assert ('agent_sidecar_upload_state{agent_sidecar_upload_state="tasks_unavailable"} 1.0'
+            in metrics)
     assert state["coderd"]["version"] == "v2.37.0+deadbee"
     assert state["uploads"]["oldest_unstored_age_s"] >= 0
 

@@ -20,7 +20,7 @@ from agent_sidecar.aio import Pulse
 from agent_sidecar.coder import CoderClient, Outcome
 from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.metrics import Metrics
-from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, MIN_SNAPSHOT_BYTES, pack
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, MIN_SNAPSHOT_BYTES, Packed, pack
 from agent_sidecar.tokens import TokenSource
 from agent_sidecar.uploader import CAP_SEARCH_RESOLUTION_BYTES, Uploader
 
@@ -782,12 +782,39 @@ async def test_an_unexpected_error_is_logged_backed_off_and_survived(
     make: Callable[..., Awaitable[Harness]], log_output: io.StringIO,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A bug inside one attempt is logged with its error, backed off, and the uploader
-    carries on and stores the snapshot."""
+    """A bug in the upload loop itself (here: packing) is logged with its error, backed
+    off, and the uploader carries on and stores the snapshot."""
+    h = await make(sleep=instant, settle_s=0)
+    calls = 0
+
+    def flaky(messages: list[Message], max_bytes: int) -> Packed:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the packer")
+        return pack(messages, max_bytes)
+
+    monkeypatch.setattr("agent_sidecar.uploader.pack", flaky)
+    h.start()
+    user_turn(h.conv)
+    await h.delivered()
+    logged = [json.loads(x) for x in log_output.getvalue().splitlines()]
+    [error] = [x for x in logged if x["event"] == "uploader_error"]
+    assert error["error"] == "RuntimeError: a bug in the packer"
+    assert h.task is not None
+    assert not h.task.done()
+
+
+async def test_a_client_bug_during_the_final_flush_is_retried_not_fatal(
+    make: Callable[..., Awaitable[Harness]], log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected exception from the Coder client in the final flush is logged and the
+    upload retried like a network error, so the snapshot still lands."""
     h = await make(sleep=instant, settle_s=0)
     assert h.uploader.client is not None
     real = h.uploader.client.upload
-    boom = [RuntimeError("a bug in the client")]
+    boom = [ValueError("a header aiohttp would not send")]
 
     async def flaky(body: bytes) -> Outcome:
         if boom:
@@ -795,14 +822,33 @@ async def test_an_unexpected_error_is_logged_backed_off_and_survived(
         return await real(body)
 
     monkeypatch.setattr(h.uploader.client, "upload", flaky)
+    user_turn(h.conv)
+    assert await h.uploader.flush()
+    assert h.stored() == h.expected()
+    logged = [json.loads(x) for x in log_output.getvalue().splitlines()]
+    [error] = [x for x in logged if x["event"] == "upload_error"]
+    assert error["error"] == "ValueError: a header aiohttp would not send"
+
+
+async def test_a_garbage_retry_after_is_named_in_the_log_and_retried(
+    make: Callable[..., Awaitable[Harness]], log_output: io.StringIO,
+) -> None:
+    """A 429 whose Retry-After is garbage is retried on the usual back-off, and the value
+    is named in the log."""
+    h = await make(sleep=instant, settle_s=0)
+    answers = [coder_error(429, "slow down", headers={"Retry-After": "in a while"})]
+
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        return answers.pop() if answers else None
+
+    h.coderd.hook = hook
     h.start()
     user_turn(h.conv)
     await h.delivered()
     logged = [json.loads(x) for x in log_output.getvalue().splitlines()]
-    [error] = [x for x in logged if x["event"] == "uploader_error"]
-    assert error["error"] == "RuntimeError: a bug in the client"
-    assert h.task is not None
-    assert not h.task.done()
+    [note] = [x for x in logged if x["event"] == "coderd_answer_ignored"]
+    assert note["note"].startswith("ignored Retry-After 'in a while'")
+    assert note["status"] == 429
 
 
 async def test_two_thousand_failed_retries_never_overflow_the_back_off(

@@ -389,7 +389,14 @@ class Uploader:
             self.metrics.sink_errors.inc()
             return Outcome(Result.RETRY, message=f"sink write failed: {self.sink.error}")
         started = time.perf_counter()
-        outcome = await self.client.upload(packed.body)
+        try:
+            outcome = await self.client.upload(packed.body)
+        except Exception as exc:
+            # A bug in the client must not cost the snapshot, least of all in the final
+            # flush: say it (rate-limited by kind) and retry like a network error.
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("upload_error", error=error)
+            return Outcome(Result.RETRY, message=f"internal error: {error}")
         self.metrics.upload_duration.observe(time.perf_counter() - started)
         for note in outcome.notes:
             log.warning("coderd_answer_ignored", note=note, status=outcome.status)
