@@ -33,12 +33,11 @@ from standins import (
 )
 
 from agent_sidecar import logs
-from agent_sidecar.agentapi import AgentAPI
+from agent_sidecar.agentapi import AgentAPI, _Following
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.daemon import Controls, serve
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
-from agent_sidecar.sse import Decoder
 from bench.baseline import MARKER, shutdown_snapshot
 
 CAP = 65536
@@ -207,10 +206,10 @@ def follower_cost() -> str:
         conv = Conversation(CODERD_MAX_BODY_BYTES)
         settings = Settings(agentapi_url="http://localhost:3284")
         client = AgentAPI(cast(aiohttp.ClientSession, None), settings)
-        decoder = Decoder(settings.max_event_bytes)
+        follower = _Following(client, conv)
+        follower.replay = None  # live events, as after the replay
         for chunk in chunks:
-            for event in decoder.feed(chunk):
-                client._apply(event, conv, None)
+            follower.feed(chunk)
 
     def floor() -> None:
         for payload in payloads:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import gzip
 import io
 import json
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from standins import FakeAgentAPI, sse_event
 
 from agent_sidecar.agentapi import AgentAPI, AgentAPIError, AgentAPIUnavailable, NotStable
-from agent_sidecar.conversation import Conversation
-from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES
+from agent_sidecar.conversation import Conversation, go_time
+from agent_sidecar.simulator import serve_loopback
+from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
 
 from .conftest import make_settings, until
 
@@ -196,3 +204,312 @@ async def test_one_shot_calls(agent: FakeAgentAPI) -> None:
         await agent.stop()
         with pytest.raises(AgentAPIUnavailable):
             await client.status()
+
+
+# -- what agentapi sends is bounded (issue 15, items 7 and 8) ------------------------------
+
+
+@asynccontextmanager
+async def serving(*routes: web.RouteDef, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """A small misbehaving HTTP server on loopback; its base URL."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner, port = await serve_loopback(app, host, 0)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def client_for(session: aiohttp.ClientSession, url: str, **kw: Any) -> AgentAPI:
+    return AgentAPI(session, make_settings(agentapi_url=url, **kw))
+
+
+@functools.cache
+def gzip_of_zeros(size: int) -> bytes:
+    """A gzip body that inflates to `size` zero bytes (about 1000:1)."""
+    out = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    parts = [out.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + out.flush()
+
+
+def peak_during() -> Callable[[], int]:
+    """Start tracing allocations; the returned function stops and gives the peak, bytes."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+
+    def stop() -> int:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    return stop
+
+
+async def test_a_messages_body_over_the_cap_is_refused_without_reading_it_all() -> None:
+    """A 256 MiB /messages answer, with max_response_bytes at 1 MiB, is refused after about
+    1 MiB: the rest is never read."""
+    written = 0
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        block = b" " * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(b'{"messages":[')
+            for _ in range(256):
+                await resp.write(block)
+                written += len(block)
+        return resp
+
+    async with serving(web.get("/messages", huge)) as url, aiohttp.ClientSession() as session:
+        client = client_for(session, url, max_response_bytes=1 << 20)
+        stop = peak_during()
+        try:
+            with pytest.raises(AgentAPIError, match="more than 1048576 bytes"):
+                await client.messages(65536)
+        finally:
+            peak = stop()
+    assert written < 64 << 20
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("answer", ["messages", "status", "error"])
+async def test_a_compressed_bomb_expands_no_further_than_the_cap(answer: str) -> None:
+    """A gzip body that inflates to 256 MiB, as /messages, as /status or as an error
+    answer, costs at most about its cap in memory: it is inflated step by step and read no
+    further."""
+    bomb = gzip_of_zeros(256 << 20)
+
+    async def bombed(request: web.Request) -> web.Response:
+        return web.Response(status=500 if answer == "error" else 200, body=bomb, headers={
+            "Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    routes = [web.get(p, bombed) for p in ("/messages", "/status")]
+    async with serving(*routes) as url, aiohttp.ClientSession() as session:
+        client = client_for(session, url, max_response_bytes=1 << 20)
+        stop = peak_during()
+        try:
+            with pytest.raises(AgentAPIError) as err:
+                await (client.status() if answer == "status" else client.messages(65536))
+        finally:
+            peak = stop()
+    assert peak < 16 << 20
+    if answer == "error":
+        assert err.value.status == 500
+        assert len(err.value.detail) <= 500
+    else:
+        assert "more than" in str(err.value)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "raw-deflate", "identity"])
+async def test_compressed_answers_within_the_cap_are_read(encoding: str) -> None:
+    """/messages compressed with gzip or deflate (zlib-wrapped or raw) reads like a plain one."""
+    body = json.dumps({"messages": [{"id": 0, "content": "hi", "role": "user",
+                                      "time": "2026-04-10T12:34:56Z"}]}).encode()
+    if encoding in ("gzip", "x-gzip"):
+        body = gzip.compress(body)
+    elif encoding == "deflate":
+        body = zlib.compress(body)
+    elif encoding == "raw-deflate":
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = packer.compress(body) + packer.flush()
+    header = "deflate" if encoding == "raw-deflate" else encoding
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Encoding": header})
+
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        messages = await client_for(session, url).messages(65536)
+    assert [(m.id, m.content) for m in messages] == [(0, "hi")]
+
+
+async def test_an_encoding_it_cannot_inflate_is_an_error_not_a_crash() -> None:
+    """A body in an encoding the sidecar does not decode (br) is refused by name."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x1b\x00\x00", headers={"Content-Encoding": "br"})
+
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        with pytest.raises(AgentAPIError, match="'br' is not supported"):
+            await client_for(session, url).messages(65536)
+
+
+@pytest.mark.parametrize("body", ["plain", "gzip"])
+async def test_a_refused_stream_body_is_read_with_a_cap(body: str) -> None:
+    """A non-200 /events answer with a 256 MiB body, plain or a gzip bomb, is reported with
+    a short detail read from its first bytes, and the follower carries on retrying."""
+    refused = asyncio.Event()
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        refused.set()
+        if body == "gzip":
+            return web.Response(status=503, body=gzip_of_zeros(256 << 20),
+                                headers={"Content-Encoding": "gzip"})
+        resp = web.StreamResponse(status=503)
+        await resp.prepare(request)
+        block = b"upstream is down " * (1 << 16)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(256):
+                await resp.write(block)
+        return resp
+
+    gzip_of_zeros(256 << 20)  # made before measuring
+    async with serving(web.get("/events", refuse)) as url:
+        stop = peak_during()
+        try:
+            async with following(url) as (client, _):
+                async with asyncio.timeout(10):
+                    await refused.wait()
+                await until(lambda: client.state.reconnects >= 2)
+        finally:
+            peak = stop()
+    assert peak < 16 << 20
+    assert (client.state.last_error or "").startswith("AgentAPIError: GET /events answered 503")
+
+
+async def test_json_nested_too_deeply_is_invalid_not_a_crash(agent: FakeAgentAPI) -> None:
+    """An event or a /messages body nested 100 000 deep is invalid JSON to the follower;
+    it neither dies of RecursionError nor reconnects."""
+    deep = "[" * 100_000 + "]" * 100_000
+    async with following(agent.url) as (client, conv):
+        await until(lambda: conv.connected, wake=conv.changed.wait)
+        agent.publish(f"event: message_update\ndata: {deep}\n\n".encode())
+        agent.add_message("user", "still alive")
+        await until(lambda: state(conv) == fake_state(agent), wake=conv.changed.wait)
+        assert client.state.reconnects == 0
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(text='{"messages":' + deep + "}")
+
+    async with serving(web.get("/messages", nested)) as url, \
+            aiohttp.ClientSession() as session:
+        with pytest.raises(AgentAPIError, match="invalid JSON"):
+            await client_for(session, url).messages(65536)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("id", 2**63),
+    ("id", -1),
+    ("id", 1.0),
+    ("id", True),
+    ("role", None),
+    ("content", 5),
+])
+async def test_a_message_coderd_would_refuse_is_dropped_the_others_kept(
+    field: str, value: Any, log_output: io.StringIO,
+) -> None:
+    """One message from /messages with an id outside int64 (or not an integer), or a role or
+    content that is not a string, is dropped with a warning; the others are kept."""
+    poison = {"id": 1, "content": "p", "role": "agent", "time": "2026-04-10T12:34:56Z",
+              field: value}
+    good = [{"id": i, "content": f"m{i}", "role": "user", "time": "2026-04-10T12:34:56Z"}
+            for i in (0, 2)]
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"messages": [good[0], poison, good[1]]})
+
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        messages = await client_for(session, url).messages(65536)
+    assert [m.id for m in messages] == [0, 2]
+    assert "agentapi_messages_dropped" in log_output.getvalue()
+
+
+async def test_a_poison_event_never_reaches_the_snapshot(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """Over SSE, an id of 2**63 is dropped and a time of month 13 or with full-width digits
+    is replaced: the packed body holds only what coderd's Go decoder accepts, and every
+    good message."""
+    bad_times = ["2025-13-45T10:00:00Z", "2025-01-01T10:00:00+99:99",
+                 "\uff12\uff10\uff12\uff15-01-01T10:00:00Z"]
+    async with following(agent.url) as (_, conv):
+        await until(lambda: conv.connected, wake=conv.changed.wait)
+        agent.publish(sse_event("message_update", {"id": 2**63, "role": "agent",
+                                                   "message": "big", "time": "t"}))
+        agent.add_message("user", "kept")
+        for id_, time_ in enumerate(bad_times, start=2):
+            agent.publish(sse_event("message_update", {"id": id_, "role": "agent",
+                                                       "message": "m", "time": time_}))
+        await until(lambda: conv.count == 5, wake=conv.changed.wait)
+    body = json.loads(pack(conv.messages(), 65536).body)["messages"]
+    assert [m["id"] for m in body] == [0, 1, 2, 3, 4]
+    assert all(go_time(m["time"]) == m["time"] for m in body)
+    events = [json.loads(x)["event"] for x in log_output.getvalue().splitlines()]
+    assert "agentapi_time_replaced" in events
+    assert "agentapi_event_invalid" in events
+
+
+# -- redirects (issue 10): never to another host ------------------------------------------
+
+
+async def test_a_redirect_to_another_host_is_not_followed(log_output: io.StringIO) -> None:
+    """/events, /messages and /status redirected to another host are refused, naming the
+    Location without its query; the other host never sees a request."""
+    async with FakeAgentAPI(host="127.0.0.2") as elsewhere:
+        elsewhere.add_message("user", "a conversation that is not ours")
+
+        async def moved(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(f"{elsewhere.url}{request.path}?token=secret")
+
+        routes = [web.get(p, moved) for p in ("/events", "/messages", "/status")]
+        async with serving(*routes) as url:
+            async with aiohttp.ClientSession() as session:
+                client = client_for(session, url)
+                for call in (client.messages(65536), client.status()):
+                    with pytest.raises(AgentAPIError, match="another host; not followed"):
+                        await call
+            async with following(url) as (follower, conv):
+                await until(lambda: follower.state.reconnects >= 2)
+                assert not conv.connected
+                assert conv.messages() == []
+        assert elsewhere.subscribers == 0
+        error = follower.state.last_error or ""
+        assert f"redirecting to {elsewhere.url}/events, another host" in error
+        assert "secret" not in error
+        assert "secret" not in log_output.getvalue()
+
+
+async def test_a_redirect_within_agentapi_is_followed_a_few_times() -> None:
+    """A redirect that stays on agentapi's own scheme, host and port is followed (here an
+    old path prefix), up to three hops; a loop is an error, not a hang."""
+    class Prefixed(FakeAgentAPI):
+        def routes(self) -> list[web.RouteDef]:
+            async def moved(request: web.Request) -> web.Response:
+                raise web.HTTPPermanentRedirect("/" + request.match_info["tail"])
+
+            async def loop(request: web.Request) -> web.Response:
+                raise web.HTTPFound(request.path)
+
+            return [*super().routes(), web.get("/old/{tail:.*}", moved),
+                    web.get("/loop/{tail:.*}", loop)]
+
+    async with Prefixed() as agent:
+        agent.add_message("user", "through the redirect")
+        async with following(agent.url + "/old") as (_, conv):
+            await until(lambda: state(conv) == fake_state(agent), wake=conv.changed.wait)
+        async with aiohttp.ClientSession() as session:
+            client = client_for(session, agent.url + "/old")
+            assert [m.content for m in await client.messages(65536)] == ["", "through the redirect"]
+            with pytest.raises(AgentAPIError, match="redirected more than 3 times"):
+                await client_for(session, agent.url + "/loop").status()
+
+
+async def test_a_body_cut_short_is_unavailable_not_a_crash() -> None:
+    """A /messages answer whose connection drops mid-body is "unavailable", the error the
+    callers handle, not a raw aiohttp error."""
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"messages":[')
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async with serving(web.get("/messages", cut)) as url, aiohttp.ClientSession() as session:
+        with pytest.raises(AgentAPIUnavailable, match="cut the body"):
+            await client_for(session, url).messages(65536)

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+import tracemalloc
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_sidecar.conversation import Conversation, Message, clean_time, make_message
+from agent_sidecar.conversation import (
+    Conversation,
+    Message,
+    clean_time,
+    go_time,
+    make_message,
+    max_messages,
+)
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
 
 T = "2026-04-10T12:34:56Z"
@@ -67,6 +78,82 @@ def test_invalid_times_are_replaced_by_a_valid_one() -> None:
         assert clean_time(bad)[10] == "T"
 
 
+@pytest.mark.parametrize("value", [
+    "2026-04-10T12:34:56Z",
+    "2026-04-10T12:34:56.123456789Z",
+    "2026-04-10T12:34:56.1+05:30",
+    "2026-04-10T00:00:00-23:59",
+    "2024-02-29T23:59:59+23:59",  # a leap day
+    "2000-02-29T00:00:00Z",  # divisible by 400: leap
+    "0000-02-29T00:00:00Z",  # Go's calendar: year 0 is a leap year
+    "9999-12-31T23:59:59.999999999Z",
+])
+def test_times_go_accepts_are_kept_verbatim(value: str) -> None:
+    """A time Go's time.Time decodes is kept byte for byte."""
+    assert go_time(value) == value
+    assert make_message(0, "user", "", value, 10).time == value
+
+
+@pytest.mark.parametrize("value", [
+    "2025-13-45T10:00:00Z",  # no month 13, no day 45
+    "2025-00-10T10:00:00Z",
+    "2025-01-00T10:00:00Z",
+    "2025-02-29T10:00:00Z",  # not a leap year
+    "1900-02-29T10:00:00Z",  # divisible by 100, not by 400
+    "2025-04-31T10:00:00Z",  # April has 30 days
+    "2025-01-01T24:00:00Z",
+    "2025-01-01T23:60:00Z",
+    "2025-01-01T23:59:60Z",  # Go has no leap seconds
+    "2025-01-01T10:00:00+99:99",
+    "2025-01-01T10:00:00+24:00",
+    "2025-01-01T10:00:00-00:60",
+    "2025-01-01T10:00:00+0000",
+    "2025-01-01T10:00:00",  # no zone
+    "2025-01-01 10:00:00Z",
+    "2025-01-01t10:00:00Z",
+    "2025-01-01T10:00:00z",
+    "2025-01-01T1:00:00Z",  # one-digit hour
+    "2025-01-01T10:00:00,5Z",
+    "2025-01-01T10:00:00.Z",
+    "2025-01-01T10:00:00Z\n",
+    " 2025-01-01T10:00:00Z",
+    "+2025-01-01T10:00:00Z",
+    "\uff12\uff10\uff12\uff15-01-01T10:00:00Z",  # full-width digits: \\d and int() take them
+    "\u0662\u0660\u0662\u0665-01-01T10:00:00Z",  # Arabic-Indic digits
+    "2025-01-01T10:00:00+\u0660\u0665:00",
+    "2025-01-01T10:00:00.\u0661Z",
+    "",
+])
+def test_times_go_refuses_are_replaced_and_flagged(value: str) -> None:
+    """A time coderd's Go decoder would refuse (and with it the whole body) is replaced by
+    now, in UTC, and the message says so."""
+    assert go_time(value) is None
+    message = make_message(0, "user", "", value, 10)
+    assert message.time_replaced
+    assert go_time(message.time) == message.time
+    assert message.time.endswith("Z")
+
+
+def test_a_fraction_longer_than_go_reads_is_cut_to_nanoseconds() -> None:
+    """Digits past the ninth are dropped, which is what Go does with them."""
+    assert go_time("2026-04-10T12:34:56.1234567891234Z") == "2026-04-10T12:34:56.123456789Z"
+    assert go_time("2026-04-10T12:34:56.1234567891+01:00") == (
+        "2026-04-10T12:34:56.123456789+01:00")
+
+
+def test_a_replaced_time_does_not_change_on_replay() -> None:
+    """A message whose time had to be replaced keeps the first replacement, so a replay of
+    the same conversation is not a change."""
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    conv.upsert(make_message(0, "user", "hi", "bogus", 100))
+    first = conv.messages()[0].time
+    version = conv.version
+    conv.replace([make_message(0, "user", "hi", "bogus", 100)], None)
+    conv.upsert(make_message(0, "user", "hi", "bogus", 100))
+    assert conv.messages()[0].time == first
+    assert conv.version == version
+
+
 def test_long_history_is_pruned_to_what_a_snapshot_needs() -> None:
     """After 100 MB of history only about one snapshot's worth of characters is kept."""
     conv = Conversation(retain_chars=65536)
@@ -76,6 +163,52 @@ def test_long_history_is_pruned_to_what_a_snapshot_needs() -> None:
     kept = sum(len(x.content) for x in conv.messages())
     assert kept <= 65536 + 2 * 10_000
     assert conv.messages()[-1].id == 9_999
+
+
+def test_messages_that_never_reach_a_snapshot_are_not_held() -> None:
+    """30 000 messages with role `tool` or empty content leave the model at about one
+    snapshot's worth: roles that are never sent are not held, and the number of messages is
+    bounded by what a snapshot can hold."""
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    tracemalloc.start()
+    try:
+        for i in range(30_000):
+            role, text = ("tool", "t" * 4096) if i % 2 else ("agent", "")
+            conv.upsert(make_message(i, role, text, T, CODERD_MAX_BODY_BYTES))
+        held_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(conv.messages()) <= 1000
+    assert held_bytes < 1 << 20
+    assert conv.count == 30_000
+    assert conv.messages()[-1].id == 29_998
+
+
+def test_out_of_order_ids_cost_no_more_than_in_order_ones() -> None:
+    """40 000 empty messages in random id order are absorbed in seconds: an id that is not
+    the newest is placed without re-sorting what is held."""
+    ids = list(range(40_000))
+    random.Random(7).shuffle(ids)
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    started = time.perf_counter()
+    for i in ids:
+        conv.upsert(Message(i, "user", "", T))
+    assert time.perf_counter() - started < 10
+    assert [x.id for x in conv.messages()] == sorted(x.id for x in conv.messages())
+    assert len(conv.messages()) <= max_messages(CODERD_MAX_BODY_BYTES) + 2
+
+
+def test_reconcile_drops_what_agentapi_no_longer_has() -> None:
+    """Held ids up to `upto` that agentapi's list lacks are dropped; newer ones stay."""
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    for i, role in enumerate(["user", "agent", "user", "agent", "user"]):
+        conv.upsert(m(i, f"m{i}", role))
+    version = conv.version
+    assert conv.reconcile([0, 2, 3], upto=3) == [1]
+    assert [x.id for x in conv.messages()] == [0, 2, 3, 4]
+    assert conv.version == version + 1
+    assert conv.reconcile([0, 2, 3], upto=3) == []
+    assert conv.version == version + 1
 
 
 def test_huge_message_keeps_only_its_tail() -> None:
@@ -100,8 +233,9 @@ def test_updates_to_pruned_ids_are_ignored() -> None:
 @settings(max_examples=150, deadline=None)
 @given(
     ops=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=3), st.integers(min_value=0, max_value=3000),
-                  st.sampled_from(["user", "agent"])),
+        st.tuples(st.integers(min_value=0, max_value=3),
+                  st.integers(min_value=0, max_value=3000) | st.just(0),
+                  st.sampled_from(["user", "agent", "agent", "tool"])),
         min_size=1, max_size=80,
     ),
     cap=st.integers(min_value=1024, max_value=4096),
@@ -109,8 +243,9 @@ def test_updates_to_pruned_ids_are_ignored() -> None:
 def test_pruned_model_packs_exactly_like_the_full_history(
     ops: list[tuple[int, int, str]], cap: int
 ) -> None:
-    """Whatever the updates (new messages, the last one growing or shrinking), pruning never
-    changes the packed snapshot."""
+    """Whatever the updates (new messages, empty ones, roles never sent, the last one growing
+    or shrinking), pruning never changes the packed snapshot, and the messages held stay
+    within the bound."""
     conv = Conversation(retain_chars=cap)
     full: dict[int, Message] = {}
     next_id = 0
@@ -122,9 +257,11 @@ def test_pruned_model_packs_exactly_like_the_full_history(
         else:
             id_ = next_id - 1
             role = full[id_].role
-        text = (f"{id_}:" + "z" * size)[: max(size, 1)]
+        text = (f"{id_}:" + "z" * size)[:size]
         full[id_] = m(id_, text, role)
         conv.upsert(make_message(id_, role, text, T, cap))
         assert pack(conv.messages(), cap).body == pack(list(full.values()), cap).body
+        assert len(conv.messages()) <= max_messages(cap) + 2
     assert conv.count == len(full)
     assert conv.has_user == any(x.role == "user" for x in full.values())
+    assert all(x.role in ("user", "agent") for x in conv.messages())

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_sidecar.conversation import Message
+from agent_sidecar.conversation import MIN_ITEM_BYTES, Message, max_messages
 from agent_sidecar.snapshot import MIN_TAIL_BYTES, marker, pack
 
 TIME = "2026-04-10T12:34:56.123456789Z"
@@ -177,3 +178,35 @@ def test_pack_properties(contents: list[str], roles: list[str], cap: int) -> Non
 def test_marker_says_how_much_was_cut() -> None:
     """The marker is one line naming the number of characters cut."""
     assert marker(1234) == "[agent-sidecar: 1234 earlier characters of this message cut to fit]\n"
+
+
+def test_the_smallest_item_is_what_the_message_bound_assumes() -> None:
+    """The conversation's message bound rests on the smallest item pack() emits; the
+    most of those a snapshot holds is below that bound."""
+    smallest = msg(0, "", "user", "2006-01-02T15:04:05Z")
+    assert pack([smallest], 65536).size == len(b'{"messages":[]}') + MIN_ITEM_BYTES
+    for cap in (1024, 4096, 65536):
+        many = [msg(0, "", "user", "2006-01-02T15:04:05Z")] * (max_messages(cap) + 10)
+        assert pack(many, cap).messages < max_messages(cap)
+
+
+@pytest.mark.parametrize(("id_", "time"), [
+    (2**63, TIME),  # past int64
+    (-1, TIME),
+    (3, "2025-13-45T10:00:00Z"),
+    (3, "2025-01-01T10:00:00+99:99"),
+    (3, "\uff12\uff10\uff12\uff15-01-01T10:00:00Z"),
+])
+def test_a_message_coderd_would_refuse_is_left_out_not_the_body(id_: int, time: str) -> None:
+    """One message with an id beyond int64 or a time Go refuses is left out, and the
+    others still go."""
+    poison = msg(id_, "poison", "agent", time)
+    packed = pack([msg(0, "before", "user"), poison, msg(9, "after", "user")], 65536)
+    assert [m["id"] for m in decoded(packed.body)] == [0, 9]
+    assert packed.skipped == 1
+
+
+def test_a_fraction_past_nanoseconds_is_cut_in_the_body() -> None:
+    """A time with more fraction digits than Go reads goes out cut to nine digits."""
+    packed = pack([msg(0, "x", "user", "2026-04-10T12:34:56.1234567890123Z")], 65536)
+    assert decoded(packed.body)[0]["time"] == "2026-04-10T12:34:56.123456789Z"

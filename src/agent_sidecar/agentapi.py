@@ -4,6 +4,27 @@ Every connect to /events replays the whole conversation, then one status_change,
 deltas (agentapi-protocol.md §7). The follower collects the replay aside and swaps it in
 when that status_change arrives, so a reconnect or an agentapi restart rebuilds the model
 instead of merging into it.
+
+Versions (field-notes.md §3, §4). v0.10 says only `status`; v0.11 adds `agent_type`;
+v0.12 adds `transport` ("pty" or "acp") to /status, never to status_change. On each
+connect the follower reads /status once, beside the stream, to learn the transport and
+agent type (FollowState); status_change keeps agent_type current. Under ACP:
+- a user POST /message holds agentapi's lock for the whole turn, so /status and /messages
+  hang until it ends. Reads that wait on that lock are "busy", never "unreachable": the
+  polling fallback keeps the last state and waits for the answer (no timeout on the
+  answer once the transport is known to be ACP; before that, it asks again every
+  `agentapi_timeout_s`), and never marks agentapi disconnected for it;
+- a failed prompt's placeholder agent message is removed without an event. The follower
+  reconciles: after each status_change to `stable` (the end of every turn, failed or not),
+  and when it first learns the transport is ACP while the agent is stable, it reads
+  /messages once and drops the held ids agentapi no longer has. A replay (any reconnect)
+  and every poll rebuild the model anyway.
+
+What agentapi sends is bounded (issue 15): response bodies by a cap after decompression
+(bodies.py; /messages by `max_response_bytes`), SSE events by `max_event_bytes`, and
+redirects are followed only within agentapi's own origin (issue 10): agentapi's API paths
+never redirect (only `/` does, to its chat UI), so a redirect elsewhere is refused and
+named, never followed to another host.
 """
 
 from __future__ import annotations
@@ -11,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +42,9 @@ from yarl import URL
 
 from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, Pulse
+from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_decoded, read_capped
 from agent_sidecar.config import Settings
-from agent_sidecar.conversation import Conversation, Message, Status, make_message
+from agent_sidecar.conversation import MAX_ID, Conversation, Message, Status, make_message
 from agent_sidecar.sse import Decoder, Event, Oversized
 
 log = logs.get("agentapi")
@@ -29,6 +52,15 @@ log = logs.get("agentapi")
 HEALTHY_CONNECTION_S = 60.0  # a stream that lived this long resets the reconnect back-off
 EVENTS_RETRY_S = 60.0  # while polling, how often to try /events again
 NOT_STABLE = "agent is waiting for user input"  # the text of agentapi's "not stable" 500
+STATUS_BODY_BYTES = 64 * 1024  # /status is about 150 bytes
+ERROR_BODY_BYTES = 64 * 1024  # an error body is only shown, cut to 500 characters
+MAX_REDIRECTS = 3  # same-origin hops followed; agentapi's API paths never redirect
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+TRANSPORTS = frozenset({"pty", "acp"})
+MAX_AGENT_TYPE_CHARS = 64
+
+
+DETAIL_CHARS = 500  # of agentapi's error text, in a log line or a relay answer
 
 
 class AgentAPIError(Exception):
@@ -44,8 +76,17 @@ class AgentAPIUnavailable(Exception):
     """agentapi could not be reached."""
 
 
+class AgentAPIBusy(AgentAPIUnavailable):
+    """agentapi took the request but has not answered in time: it holds its lock for a
+    POST /message (a PTY send, or a whole ACP turn). It is alive."""
+
+
 class NotStable(AgentAPIError):
     """agentapi refused a user message because the agent is not waiting for input."""
+
+
+class BadMessage(ValueError):
+    """A message from agentapi that coderd could not take; the text says which field."""
 
 
 @dataclass
@@ -55,18 +96,37 @@ class FollowState:
     mode: str = "events"  # or "polling"
     reconnects: int = 0
     last_error: str | None = None
+    transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
+    agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
     # Notified once per disappearance of agentapi: a stream it had been following ended,
     # and the next connect failed. The uploader then writes the last word (uploader.py).
     gone: Pulse = field(default_factory=Pulse)
 
 
-def parse_message(data: dict[str, Any], text_field: str, retain_chars: int) -> Message | None:
-    """A message from /messages (`content`) or from message_update (`message`); None if bad."""
+@dataclass(frozen=True, slots=True)
+class StatusInfo:
+    """One /status answer: `status` is None for a value this client does not know;
+    `transport` and `agent_type` are None when this agentapi version does not say."""
+
+    status: Status | None
+    transport: str | None = None
+    agent_type: str | None = None
+
+
+def parse_message(data: dict[str, Any], text_field: str, retain_chars: int) -> Message:
+    """A message from /messages (`content`) or from message_update (`message`).
+
+    Raises BadMessage when coderd could not take it: an id that is not an integer within
+    0..2**63-1 (Go's int64; agentapi's ids start at 0), a role or text that is not a
+    string. An unusable time is not an error: the message comes back `time_replaced`.
+    """
     id_ = data.get("id")
+    if type(id_) is not int or not 0 <= id_ <= MAX_ID:
+        raise BadMessage("id is not an integer within int64")
     role = data.get("role")
     text = data.get(text_field)
-    if type(id_) is not int or id_ < 0 or not isinstance(role, str) or not isinstance(text, str):
-        return None
+    if not isinstance(role, str) or not isinstance(text, str):
+        raise BadMessage(f"role or {text_field} is not a string")
     return make_message(id_, role, text, data.get("time"), retain_chars)
 
 
@@ -76,29 +136,72 @@ def parse_status(value: object) -> Status | None:
     return None
 
 
-def problem_detail(body: bytes) -> str:
-    """A person-readable text from agentapi's problem+json, or the raw text of anything else."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:500]
+def parse_status_info(data: object) -> StatusInfo:
+    """A /status body of any version (field-notes.md §3): unknown or odd values are None."""
     if not isinstance(data, dict):
-        return str(data)[:500]
+        return StatusInfo(None)
+    transport = data.get("transport")
+    return StatusInfo(parse_status(data.get("status")),
+                      transport if transport in TRANSPORTS else None,
+                      _agent_type(data.get("agent_type")))
+
+
+def _agent_type(value: object) -> str | None:
+    """agentapi's agent type (`claude`, `custom`, ...) if it is a short printable string."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_AGENT_TYPE_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def _clipped(value: object) -> str:
+    """A peer's value for a log line: its repr, from at most 60 characters of it."""
+    return repr(value[:60] if isinstance(value, str) else value)[:80]
+
+
+def _loads(body: bytes | str) -> Any:
+    """JSON from a peer; ValueError for anything that is not, however deeply nested."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def problem_detail(body: bytes) -> str:
+    """A person-readable text from agentapi's problem+json, or the raw text of anything else,
+    at most DETAIL_CHARS characters (redacted before it is cut)."""
+    try:
+        data = _loads(body)
+    except ValueError:
+        return logs.clip(body.decode("utf-8", "replace").strip(), DETAIL_CHARS)
+    if not isinstance(data, dict):
+        return logs.clip(str(data), DETAIL_CHARS)
     parts = [str(data.get("detail") or data.get("title") or "")]
     errors = data.get("errors")
     if isinstance(errors, list):
         parts += [str(e.get("message")) for e in errors if isinstance(e, dict) and e.get("message")]
-    return ": ".join(p for p in parts if p)[:500]
+    return logs.clip(": ".join(p for p in parts if p), DETAIL_CHARS)
+
+
+def _shown(url: URL) -> str:
+    """A URL fit for a log line: no user info, no query, no fragment, cut short."""
+    try:
+        shown = str(url.with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        shown = "<unusable URL>"
+    return shown[:200]
 
 
 class AgentAPI:
     """The client of one agentapi (agentapi-protocol.md).
 
-    `follow()` keeps a Conversation in step until cancelled and never raises otherwise; the
-    one-shot calls raise AgentAPIUnavailable (no answer) or AgentAPIError (a wrong answer).
-    It reads its timeouts and back-off from `settings` at each use, so a reload that replaces
-    `settings` takes effect at the next request or reconnect; `agentapi_url` needs a restart.
-    It owns no task and no session: the caller's session is used and left open.
+    `follow()` keeps a Conversation in step until cancelled and never raises otherwise;
+    cancelling it also cancels the /status probe and the ACP reconcile it runs beside the
+    stream. The one-shot calls raise AgentAPIUnavailable (no answer; AgentAPIBusy when
+    agentapi took the request but holds its lock) or AgentAPIError (a wrong answer, a body
+    over its cap, a redirect to another host). It reads its timeouts, caps and back-off
+    from `settings` at each use, so a reload that replaces `settings` takes effect at the
+    next request or reconnect; `agentapi_url` needs a restart. It owns no session: the
+    caller's is used and left open.
     """
 
     def __init__(
@@ -121,37 +224,139 @@ class AgentAPI:
     def url(self) -> str:
         return str(self._base)
 
-    # -- one-shot calls ----------------------------------------------------------------
+    # -- GETs ----------------------------------------------------------------------------
 
-    async def _get_json(self, path: str, timeout_s: float) -> Any:
+    def _same_origin(self, url: URL) -> bool:
+        base = self._base
+        return (url.scheme == base.scheme and (url.host or "").lower() == (base.host or "").lower()
+                and url.port == base.port)
+
+    @asynccontextmanager
+    async def _get(self, path: str, *, wait_s: float | None,
+                   headers: dict[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET `path`, its response open until the block ends; the body is not read.
+
+        Connecting is bounded by agentapi_timeout_s; waiting for the answer's head by
+        `wait_s` (None: as long as it takes), past which AgentAPIBusy is raised. Redirects
+        are followed within agentapi's origin, up to MAX_REDIRECTS; one elsewhere raises
+        AgentAPIError naming its target, without following it. The body is never
+        decompressed by aiohttp (see bodies.py).
+        """
+        resp = await self._open(path, wait_s, headers or {})
         try:
-            async with self._session.get(
-                self._url(path), timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise AgentAPIError(
-                        f"GET {path} answered {resp.status}", resp.status, problem_detail(body)
-                    )
-                return json.loads(body)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {exc!r}") from exc
+            yield resp
+        finally:
+            resp.release()
+
+    async def _open(self, path: str, wait_s: float | None,
+                    headers: dict[str, str]) -> aiohttp.ClientResponse:
+        connect_s = self.settings.agentapi_timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
+        url = self._url(path)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                async with asyncio.timeout(wait_s):
+                    resp = await self._session.get(
+                        url, timeout=timeout, allow_redirects=False, auto_decompress=False,
+                        headers={**IDENTITY, **headers})
+            except TimeoutError:
+                raise AgentAPIBusy(
+                    f"agentapi at {self.url} took GET {path} but has not answered within "
+                    f"{wait_s:g}s") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise AgentAPIUnavailable(
+                    f"agentapi at {self.url} is unreachable: {exc!r}") from exc
+            if resp.status not in REDIRECTS:
+                return resp
+            resp.release()
+            url = self._redirect(path, url, resp)
+        raise AgentAPIError(f"GET {path} was redirected more than {MAX_REDIRECTS} times")
+
+    def _redirect(self, path: str, url: URL, resp: aiohttp.ClientResponse) -> URL:
+        """Where a redirect of GET `path` leads, if it stays within agentapi's origin."""
+        location = resp.headers.get("Location", "")
+        try:
+            target = url.join(URL(location))
+        except ValueError:
+            target = None
+        if not location or target is None or not target.is_absolute():
+            raise AgentAPIError(f"GET {path} answered {resp.status} with an unusable Location "
+                                f"{location[:200]!r}", resp.status)
+        if not self._same_origin(target):
+            raise AgentAPIError(f"GET {path} answered {resp.status}, redirecting to "
+                                f"{_shown(target)}, another host; not followed", resp.status)
+        return target
+
+    def _answer_wait_s(self) -> float | None:
+        """How long a GET waits for agentapi's answer: for the whole turn under ACP, where
+        agentapi holds its lock that long (field-notes.md §4); else agentapi_timeout_s."""
+        return None if self.state.transport == "acp" else self.settings.agentapi_timeout_s
+
+    async def _get_json(self, path: str, cap: int, cap_name: str) -> Any:
+        async with self._get(path, wait_s=self._answer_wait_s()) as resp:
+            try:
+                async with asyncio.timeout(self.settings.agentapi_timeout_s):
+                    if resp.status != 200:
+                        body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
+                        raise AgentAPIError(f"GET {path} answered {resp.status}", resp.status,
+                                            problem_detail(body))
+                    body = await read_capped(resp, cap)
+            except TimeoutError:
+                raise AgentAPIUnavailable(
+                    f"agentapi at {self.url} did not finish the body of GET {path} within "
+                    f"{self.settings.agentapi_timeout_s:g}s") from None
+            except BodyTooLarge as exc:
+                raise AgentAPIError(
+                    f"GET {path} answered more than {exc.cap} bytes ({cap_name})") from None
+            except BodyError as exc:
+                raise AgentAPIError(f"GET {path}: {exc}") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise AgentAPIUnavailable(
+                    f"agentapi at {self.url} cut the body of GET {path}: {exc!r}") from exc
+        try:
+            return _loads(body)
         except ValueError as exc:
             raise AgentAPIError(f"GET {path} answered with invalid JSON") from exc
 
     async def messages(self, retain_chars: int) -> list[Message]:
-        """GET /messages, each content cut to its last `retain_chars` characters."""
-        data = await self._get_json("/messages", self.settings.agentapi_timeout_s)
+        """GET /messages, each content cut to its last `retain_chars` characters.
+
+        A message coderd could not take is dropped with a warning; one whose time is
+        unusable is kept with the time it was read (see conversation.go_time).
+        """
+        data = await self._get_json("/messages", self.settings.max_response_bytes,
+                                   "max_response_bytes")
         raw = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(raw, list):
             raise AgentAPIError("GET /messages answered without a messages list")
-        parsed = [parse_message(m, "content", retain_chars) for m in raw if isinstance(m, dict)]
-        return [m for m in parsed if m is not None]
+        out: list[Message] = []
+        dropped = replaced = 0
+        for item in raw:
+            try:
+                if not isinstance(item, dict):
+                    raise BadMessage("not an object")
+                message = parse_message(item, "content", retain_chars)
+            except BadMessage:
+                dropped += 1
+                continue
+            replaced += message.time_replaced
+            out.append(message)
+        if dropped:
+            log.warning("agentapi_messages_dropped", error="messages coderd could not take",
+                        count=dropped)
+        if replaced:
+            log.warning("agentapi_time_replaced", error="time is not RFC 3339 as coderd reads it",
+                        count=replaced)
+        return out
+
+    async def status_info(self) -> StatusInfo:
+        """GET /status of any agentapi version: status, transport and agent type."""
+        return parse_status_info(await self._get_json("/status", STATUS_BODY_BYTES,
+                                                     "STATUS_BODY_BYTES"))
 
     async def status(self) -> Status | None:
         """GET /status: "running", "stable", or None for a value this client does not know."""
-        data = await self._get_json("/status", self.settings.agentapi_timeout_s)
-        return parse_status(data.get("status") if isinstance(data, dict) else None)
+        return (await self.status_info()).status
 
     async def send(self, content: str, kind: str) -> None:
         """POST /message, bounded by send_timeout_s. Raises NotStable, AgentAPIError or
@@ -190,7 +395,8 @@ class AgentAPI:
                 await self._poll(conversation, clock)
                 self.state.mode = "events"
                 continue
-            except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError,
+                    AgentAPIUnavailable) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 if lost and not conversation.connected:  # the connect after it failed
                     self.state.gone.notify()
@@ -207,76 +413,185 @@ class AgentAPI:
             await asyncio.sleep(delay)
 
     async def _stream(self, conversation: Conversation) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
-        async with self._session.get(
-            self._url("/events"), timeout=timeout, headers={"Accept": "text/event-stream"}
-        ) as resp:
+        async with self._get("/events", wait_s=self.settings.agentapi_timeout_s,
+                             headers={"Accept": "text/event-stream"}) as resp:
             if resp.status in (404, 405):
                 raise _NoEvents
             if resp.status != 200:
                 # e.g. agentapi's Host allow-list: "Invalid host header. Allowed hosts: ..."
-                detail = problem_detail(await resp.content.read(2048))
+                try:
+                    async with asyncio.timeout(self.settings.agentapi_timeout_s):
+                        body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
+                except (TimeoutError, BodyError):
+                    body = b""
+                detail = problem_detail(body[:2048])
                 raise AgentAPIError(f"GET /events answered {resp.status}: {detail}",
                                     resp.status, detail)
-            decoder = Decoder(self.settings.max_event_bytes)
-            replay: Conversation | None = Conversation(conversation.retain_chars)
-            async for chunk in resp.content.iter_any():
-                for event in decoder.feed(chunk):
-                    replay = self._apply(event, conversation, replay)
+            follower = _Following(self, conversation)
+            follower.start()
+            try:
+                async for chunk in iter_decoded(resp):
+                    follower.feed(chunk)
+            except BodyError as exc:
+                raise AgentAPIError(f"GET /events: {exc}") from None
+            finally:
+                await follower.close()
 
-    def _apply(
-        self, event: Event | Oversized, live: Conversation, replay: Conversation | None
-    ) -> Conversation | None:
-        if isinstance(event, Oversized):
-            self._on_event("oversized")
-            log.warning("agentapi_event_too_large", size=event.size)
-            return replay
-        if event.type not in ("message_update", "status_change"):
-            return replay  # agent_error and whatever a newer agentapi adds
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            self._on_event("invalid")
-            log.warning("agentapi_event_invalid", event_type=event.type, error="invalid JSON")
-            return replay
-        if not isinstance(data, dict):
-            self._on_event("invalid")
-            log.warning("agentapi_event_invalid", event_type=event.type, error="not an object")
-            return replay
-        target = replay if replay is not None else live
-        if event.type == "message_update":
-            message = parse_message(data, "message", live.retain_chars)
-            if message is None:
-                self._on_event("invalid")
-                log.warning("agentapi_event_invalid", event_type=event.type, error="bad fields")
-                return replay
-            target.upsert(message)
-            return replay
-        status = parse_status(data.get("status"))
-        if replay is not None:
-            # The replay's closing status_change: the model is now exactly agentapi's.
-            live.replace(replay.messages(), status)
-            live.set_connected(True)
-            self.state.last_error = None
-            log.info("agentapi_following", messages=live.count, status=status)
-            return None
-        if status is not None:
-            live.set_status(status)
-        return None
+    def _learn(self, info: StatusInfo) -> None:
+        """Keep what one /status answer says about the version (absent: None)."""
+        if (info.transport, info.agent_type) != (self.state.transport, self.state.agent_type):
+            log.info("agentapi_version", transport=info.transport, agent_type=info.agent_type)
+        self.state.transport = info.transport
+        self.state.agent_type = info.agent_type
 
     async def _poll(self, conversation: Conversation, clock: Callable[[], float]) -> None:
+        """Follow by polling /status then /messages (an agentapi without /events) for
+        EVENTS_RETRY_S. Each poll rebuilds the model. A busy agentapi (its lock held by a
+        send) keeps the last state and is waited for; it is not disconnected."""
         until = clock() + EVENTS_RETRY_S
+        busy_logged = False
         while clock() < until:
             try:
+                info = await self.status_info()
+                self._learn(info)
                 messages = await self.messages(conversation.retain_chars)
-                status = await self.status()
-                conversation.replace(messages, status)
+                conversation.replace(messages, info.status)
                 conversation.set_connected(True)
+                self.state.last_error = None
+                busy_logged = False
+            except AgentAPIBusy as exc:
+                if not busy_logged:
+                    log.info("agentapi_busy", detail=str(exc), keeping="the last state")
+                    busy_logged = True
+                continue  # each try already waited agentapi_timeout_s
             except (AgentAPIError, AgentAPIUnavailable) as exc:
                 conversation.set_connected(False)
                 self.state.last_error = str(exc)
                 log.warning("agentapi_poll_failed", error=str(exc))
             await asyncio.sleep(self.settings.poll_interval_s)
+
+
+class _Following:
+    """One /events connection's work: decoding, the replay swap, and beside it the /status
+    probe and the ACP reconcile. Owns those two tasks from `start()`; `close()` cancels
+    them. `feed()` raises nothing."""
+
+    def __init__(self, client: AgentAPI, live: Conversation) -> None:
+        self.client = client
+        self.live = live
+        self.decoder = Decoder(client.settings.max_event_bytes)
+        self.replay: Conversation | None = Conversation(live.retain_chars)
+        self.reconcile_due = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._guarded(self._probe), name="agentapi-probe"),
+                      asyncio.create_task(self._guarded(self._reconcile),
+                                          name="agentapi-reconcile")]
+
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one side task; a bug in it is logged and ends it, never the stream."""
+        try:
+            await work()
+        except Exception:
+            log.exception("agentapi_side_task_failed", task=getattr(work, "__name__", "?"))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self.decoder.feed(chunk):
+            self._apply(event)
+
+    def _invalid(self, event_type: str, error: str) -> None:
+        self.client._on_event("invalid")
+        log.warning("agentapi_event_invalid", event_type=event_type, error=error)
+
+    def _apply(self, event: Event | Oversized) -> None:
+        client, live = self.client, self.live
+        if isinstance(event, Oversized):
+            client._on_event("oversized")
+            log.warning("agentapi_event_too_large", size=event.size)
+            return
+        if event.type not in ("message_update", "status_change"):
+            return  # agent_error and whatever a newer agentapi adds
+        try:
+            data = _loads(event.data)
+        except ValueError:
+            self._invalid(event.type, "invalid JSON")
+            return
+        if not isinstance(data, dict):
+            self._invalid(event.type, "not an object")
+            return
+        if event.type == "message_update":
+            try:
+                message = parse_message(data, "message", live.retain_chars)
+            except BadMessage as exc:
+                self._invalid(event.type, str(exc))
+                return
+            if message.time_replaced:
+                log.warning("agentapi_time_replaced", id=message.id,
+                            error="time is not RFC 3339 as coderd reads it",
+                            value=_clipped(data.get("time")))
+            (self.replay or live).upsert(message)
+            return
+        status = parse_status(data.get("status"))
+        if "agent_type" in data and (agent_type := _agent_type(data["agent_type"])):
+            client.state.agent_type = agent_type
+        if self.replay is not None:
+            # The replay's closing status_change: the model is now exactly agentapi's.
+            live.replace(self.replay.messages(), status)
+            live.set_connected(True)
+            client.state.last_error = None
+            self.replay = None
+            log.info("agentapi_following", messages=live.count, status=status,
+                     transport=client.state.transport)
+        elif status is not None:
+            live.set_status(status)
+        if status == "stable" and client.state.transport == "acp":
+            self.reconcile_due.set()  # a turn ended: a failed one leaves a silent gap
+
+    async def _probe(self) -> None:
+        """Read /status once per connection for the transport and agent type. It may wait
+        behind a send (a whole turn under ACP); it gives up on any other failure, which the
+        stream itself reports."""
+        client = self.client
+        while True:
+            try:
+                info = await client.status_info()
+            except AgentAPIBusy:
+                continue  # agentapi is alive and holds its lock: ask again
+            except (AgentAPIError, AgentAPIUnavailable) as exc:
+                log.info("agentapi_status_unread", error=str(exc))
+                return
+            client._learn(info)
+            if info.transport == "acp" and self.live.status == "stable":
+                self.reconcile_due.set()
+            return
+
+    async def _reconcile(self) -> None:
+        """Under ACP, after a turn ends: drop the ids /messages no longer has."""
+        client, live = self.client, self.live
+        while True:
+            await self.reconcile_due.wait()
+            self.reconcile_due.clear()
+            # Every id held now existed in agentapi before it answers (the stream lags it),
+            # so one of them missing from the answer was removed. Newer ids may arrive
+            # while it answers; they are left alone.
+            upto = live.last_id
+            if upto is None:
+                continue
+            try:
+                messages = await client.messages(live.retain_chars)
+            except (AgentAPIError, AgentAPIUnavailable) as exc:
+                log.info("agentapi_reconcile_failed", error=str(exc))
+                continue
+            gone = live.reconcile((m.id for m in messages), upto)
+            if gone:
+                log.info("agentapi_messages_removed", count=len(gone), ids=gone[:20],
+                         why="gone from /messages without an event (ACP failed prompt)")
 
 
 class _NoEvents(Exception):

@@ -31,7 +31,6 @@ import os
 import re
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC
@@ -40,6 +39,7 @@ import aiohttp
 from yarl import URL
 
 from agent_sidecar import logs
+from agent_sidecar.bodies import IDENTITY, UnsupportedEncoding, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.proxy import Proxies, ProxyError, shown
 from agent_sidecar.tokens import TokenSource
@@ -56,6 +56,8 @@ POST_REDIRECTS = frozenset({307, 308})  # the only ones that keep the method and
 GET_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # How much of a body that is not coderd's JSON is shown: its first line, cut to this.
 FIRST_LINE_CHARS = 160
+# coderd's message and detail are short; a front that imitates them is cut to this.
+MESSAGE_CHARS = 1000
 _SCANNED_CHARS = 4096  # only the start of such a body is looked at, so it costs little
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -123,8 +125,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 
 def garbage(value: str, limit: int = 80) -> str:
-    """A peer's value as a log may quote it: repr'd, cut short."""
-    return repr(value[:limit] + ("..." if len(value) > limit else ""))
+    """A peer's value as a log may quote it: redacted, cut short, repr'd."""
+    return repr(logs.clip(value, limit) + ("..." if len(value) > limit else ""))
 
 
 def first_line(body: bytes) -> str:
@@ -134,7 +136,7 @@ def first_line(body: bytes) -> str:
         words = " ".join(_without_tags(line).split())
         if words:
             return words if len(words) <= FIRST_LINE_CHARS else (
-                words[: FIRST_LINE_CHARS - 3] + "...")
+                logs.clip(words, FIRST_LINE_CHARS - 3) + "...")
     return ""
 
 
@@ -161,45 +163,15 @@ def _coder_error(body: bytes) -> tuple[str, str] | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         return None
-    message = data["message"]
+    message = logs.clip(data["message"], MESSAGE_CHARS)
     detail = data.get("detail")
     detail = detail if isinstance(detail, str) else ""
     validations = data.get("validations")
     if isinstance(validations, list):
         fields = [f"{v.get('field')}: {v.get('detail')}"
-                  for v in validations if isinstance(v, dict)]
+                  for v in validations[:20] if isinstance(v, dict)]
         detail = "; ".join(p for p in (detail, *fields) if p)
-    return message, detail
-
-
-async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
-    """At most `cap` bytes of a body; the rest is never read (the connection is then
-    closed rather than reused)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < cap:
-        chunk = await content.read(cap - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def decoded(raw: bytes, encoding: str, cap: int) -> tuple[bytes, str | None]:
-    """The body as sent before its Content-Encoding, at most `cap` bytes however well it
-    compresses; with a note when it could not be decoded."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return raw, None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        # 32 + MAX_WBITS reads a gzip or a zlib header; a raw deflate stream needs -MAX_WBITS.
-        for wbits in (32 + zlib.MAX_WBITS, -zlib.MAX_WBITS):
-            try:
-                return zlib.decompressobj(wbits).decompress(raw, cap), None
-            except zlib.error:
-                continue
-    return b"", f"a {garbage(encoding, 20)}-encoded body, not decoded"
+    return message, logs.clip(detail, MESSAGE_CHARS)
 
 
 def redirect_target(url: URL, status: int, location: str | None,
@@ -379,7 +351,7 @@ class CoderClient:
             proxy = self.proxies.for_url(url)
         except ProxyError as exc:
             return Outcome(Result.RETRY, message=f"no usable proxy for {url.scheme}: {exc}")
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+        headers = {"Accept": "application/json", **IDENTITY}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if with_token and self.tokens.token:
@@ -391,8 +363,10 @@ class CoderClient:
                 allow_redirects=False, auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=self.settings.upload_timeout_s),
             ) as resp:
-                raw = await read_capped(resp.content, cap)
-                data, note = decoded(raw, resp.headers.get("Content-Encoding", ""), cap)
+                try:  # an error body is only shown to people: its first `cap` bytes do
+                    data, note = await read_capped(resp, cap, truncate=True), None
+                except UnsupportedEncoding as exc:
+                    data, note = b"", f"a body that was not decoded: {exc}"
                 return _Answer(resp.status, resp.headers, data, note)
         except aiohttp.ClientProxyConnectionError as exc:
             assert proxy is not None

@@ -218,7 +218,11 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(
         32 * 1024 * 1024, ge=65536,
-        description="larger SSE events from agentapi are dropped",
+        description="larger SSE events (or lines) from agentapi are dropped as they arrive",
+    )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=65536,
+        description="cap on one agentapi response body (GET /messages), decompressed",
     )
     agentapi_timeout_s: float = Field(
         10, gt=0, le=300,

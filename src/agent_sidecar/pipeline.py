@@ -47,9 +47,9 @@ LIVE_SETTINGS = frozenset({
     "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
     "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
     "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
-    "agentapi_timeout_s", "send_wait_s", "send_timeout_s", "unhealthy_after_s",
-    "reupload_settle_s", "reupload_min_interval_s", "max_coderd_response_bytes",
-    "max_token_file_bytes",
+    "max_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+    "unhealthy_after_s", "reupload_settle_s", "reupload_min_interval_s",
+    "max_coderd_response_bytes", "max_token_file_bytes",
 })
 # Settings of the process, not of the pipeline: the program that owns logging applies them
 # (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging.
@@ -148,6 +148,8 @@ class Pipeline:
                 "messages": self.conversation.count,
                 "reconnects": follow.reconnects,
                 "last_error": follow.last_error,
+                "transport": follow.transport,
+                "agent_type": follow.agent_type,
             },
             "uploads": {
                 "enabled": up.client is not None,

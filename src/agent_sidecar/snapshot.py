@@ -2,15 +2,21 @@
 
 Pure: no I/O, no clock. It walks back from the newest message and stops at the first that
 does not fit, so its cost follows the size of the snapshot, not the length of the history.
+
+What it emits is what coderd's Go decoder accepts (coder-contract.md §4): UTF-8 with no
+U+0000 and no lone surrogate, ids within int64, times RFC 3339 as Go reads them. The
+conversation model already guarantees the last two; pack() checks them again and leaves
+out a message that breaks them (counted in `Packed.skipped`), so that one bad message
+can never make coderd refuse the whole body.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from agent_sidecar.conversation import SENT_ROLES, Message
+from agent_sidecar.conversation import MAX_ID, SENT_ROLES, Message, go_time
 
 # coderd reads the body through http.MaxBytesReader(64*1024): one byte more is refused
 # (coder-contract.md §4, coderd/aitasks.go taskSnapshotMaxSize).
@@ -31,6 +37,7 @@ class Packed:
     body: bytes
     messages: int  # messages in the body, the truncated one included
     truncated: bool  # the oldest message in the body is a tail
+    skipped: int = 0  # messages left out because coderd would refuse them (bad id or time)
 
     @property
     def size(self) -> int:
@@ -53,9 +60,18 @@ def _clean(text: str) -> str:
 
 
 def _encode(message: Message, content: str) -> bytes:
-    item = {"id": message.id, "content": content, "role": message.role,
-            "time": _clean(message.time)}
+    item = {"id": message.id, "content": content, "role": message.role, "time": message.time}
     return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _sendable(message: Message) -> Message | None:
+    """`message` as coderd will accept it, or None if it cannot be."""
+    if type(message.id) is not int or not 0 <= message.id <= MAX_ID:
+        return None
+    time = go_time(message.time)
+    if time is None:
+        return None
+    return message if time == message.time else replace(message, time=time)
 
 
 def _tail(message: Message, room: int) -> bytes | None:
@@ -85,8 +101,13 @@ def pack(messages: Sequence[Message], max_bytes: int) -> Packed:
     room = max_bytes - len(_HEAD) - len(_FOOT)
     items: list[bytes] = []
     truncated = False
-    for message in reversed(messages):
-        if message.role not in SENT_ROLES:
+    skipped = 0
+    for candidate in reversed(messages):
+        if candidate.role not in SENT_ROLES:
+            continue
+        message = _sendable(candidate)
+        if message is None:
+            skipped += 1
             continue
         separator = 1 if items else 0
         item = _encode(message, _clean(message.content)) if not message.cut_chars else None
@@ -101,4 +122,4 @@ def pack(messages: Sequence[Message], max_bytes: int) -> Packed:
         break
     items.reverse()
     body = _HEAD + b",".join(items) + _FOOT
-    return Packed(body=body, messages=len(items), truncated=truncated)
+    return Packed(body=body, messages=len(items), truncated=truncated, skipped=skipped)
