@@ -335,6 +335,8 @@ NGINX_502 = NGINX_413.replace("413 Request Entity Too Large", "502 Bad Gateway")
      "HTTP 413 (text/html): 413 Request Entity Too Large"),
     (413, "", "", Result.TOO_LARGE, "HTTP 413 (no content type)"),
     (502, NGINX_502, "text/html", Result.RETRY, "HTTP 502 (text/html): 502 Bad Gateway"),
+    (407, "<h1>Proxy Authentication Required</h1>", "text/html", Result.RETRY,
+     "HTTP 407 (text/html): Proxy Authentication Required"),
     (404, "<h1>Not Found</h1>", "text/html", Result.TASK_NOT_FOUND,
      "HTTP 404 (text/html): Not Found"),
     (403, "Forbidden by policy " + "x" * 500, "text/plain", Result.PAYLOAD_REJECTED,

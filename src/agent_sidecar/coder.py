@@ -10,7 +10,8 @@ field-notes.md §1):
   host, a downgrade to http, 301/302/303 on a POST, no usable Location) is not followed,
   and the token never leaves for another host: `redirected`.
 - 413 from anyone, or coderd's 400 "request body too large": too large.
-- 408, 429, 5xx, network errors (a proxy's named as the proxy's) and timeouts: retry.
+- 407 (a proxy wants credentials), 408, 429, 5xx, network errors (a proxy's named as the
+  proxy's) and timeouts: retry.
 - 401: the token. 404 with coderd's "Route not found." from an authenticated upload: this
   Coder does not serve Tasks (v2.36 with the flag off, v2.37 and later). Any other 404:
   the task is not this workspace's, or (no coderd JSON) the URL does not reach coderd.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import enum
-import ipaddress
 import json
 import os
 import re
@@ -41,12 +41,13 @@ from yarl import URL
 from agent_sidecar import logs
 from agent_sidecar.bodies import IDENTITY, UnsupportedEncoding, read_capped
 from agent_sidecar.config import Settings
-from agent_sidecar.proxy import Proxies, ProxyError, shown
+from agent_sidecar.proxy import Proxies, ProxyError, is_loopback, shown
 from agent_sidecar.tokens import TokenSource
 
 log = logs.get("coder")
 
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# 407 is the proxy refusing us, as a CONNECT that fails is: not the payload's fault.
+RETRYABLE_STATUSES = frozenset({407, 408, 429, 500, 502, 503, 504})
 TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 - a header name, not a secret
 TOO_LARGE_DETAIL = "request body too large"
 ROUTE_NOT_FOUND = "Route not found."
@@ -59,7 +60,6 @@ FIRST_LINE_CHARS = 160
 # coderd's message and detail are short; a front that imitates them is cut to this.
 MESSAGE_CHARS = 1000
 _SCANNED_CHARS = 4096  # only the start of such a body is looked at, so it costs little
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Result(enum.Enum):
@@ -228,20 +228,10 @@ def api_url(coder_url: str, path: str) -> URL:
     return base.with_path(base.path.rstrip("/") + "/api/v2/" + path)
 
 
-def is_loopback(url: URL) -> bool:
-    host = (url.host or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def plain_http_warning(coder_url: str) -> str | None:
     """What to say when the token would go over plain http to another machine, or None."""
     url = URL(coder_url)
-    if url.scheme != "http" or is_loopback(url):
+    if url.scheme != "http" or is_loopback(url.host or ""):
         return None
     return (f"the agent token goes over plain http to {url.host}: anyone on the path can "
             "read it; use an https CODER_AGENT_URL where you can")

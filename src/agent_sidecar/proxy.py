@@ -33,6 +33,15 @@ class ProxyError(Exception):
     what would work. It never holds the proxy's password."""
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address: never proxied, and never "another machine"."""
+    host = host.lower().rstrip(".")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def shown(url: URL) -> str:
     """A proxy URL as it may be logged: without its user and password."""
     return str(url.with_user(None)) if url.user or url.password else str(url)
@@ -167,12 +176,12 @@ class Proxies:
         if setting is None or self.bypass_all or not url.host:
             return None
         host = url.host.lower().rstrip(".")
+        if is_loopback(host):
+            return None
         try:
             ip: IPAddress | None = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             ip = None
-        if host == "localhost" or (ip is not None and ip.is_loopback):
-            return None
         port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)
         if any(rule.matches(host, ip, port) for rule in self.rules):
             return None
