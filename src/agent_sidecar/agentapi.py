@@ -34,14 +34,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from agent_sidecar import logs
-from agent_sidecar.aio import Backoff
+from agent_sidecar.aio import Backoff, Pulse
 from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_decoded, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import MAX_ID, Conversation, Message, Status, make_message
@@ -113,6 +113,9 @@ class FollowState:
     last_error: str | None = None
     transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
+    # Notified once per disappearance of agentapi: a stream it had been following ended,
+    # and the next connect failed. The uploader then writes the last word (uploader.py).
+    gone: Pulse = field(default_factory=Pulse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +438,7 @@ class AgentAPI:
     ) -> None:
         """Keep `conversation` in step with agentapi until cancelled. Never returns."""
         backoff = Backoff()
+        lost = False  # a followed stream ended; the next failed connect means agentapi is gone
         while True:
             started = clock()
             try:
@@ -449,6 +453,9 @@ class AgentAPI:
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError,
                     AgentAPIUnavailable) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+                if lost and not conversation.connected:  # the connect after it failed
+                    self.state.gone.notify()
+            lost = conversation.connected
             conversation.set_connected(False)
             self.state.last_error = reason
             if clock() - started >= HEALTHY_CONNECTION_S:

@@ -527,18 +527,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent_sidecar import config, logs
-    from agent_sidecar.config import Settings
+    from agent_sidecar.config import ConfigError, Settings
+    from agent_sidecar.pipeline import StartupError, check
 
     loaded = _load(args)
-    try:  # run's own check of the socket's directory, so that ExecStartPre= catches it too
-        paths.ensure_private_dir(str(loaded.settings.socket), create=False)
-    except paths.UnsafeDirectory as exc:
-        print(f"agent-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
-        print(f"agent-sidecar: socket directory: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    try:  # run's own checks, so that ExecStartPre= catches what would stop `run`
+        asyncio.run(check(loaded.settings))
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
     rows = []
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)
