@@ -513,3 +513,31 @@ async def test_a_body_cut_short_is_unavailable_not_a_crash() -> None:
     async with serving(web.get("/messages", cut)) as url, aiohttp.ClientSession() as session:
         with pytest.raises(AgentAPIUnavailable, match="cut the body"):
             await client_for(session, url).messages(65536)
+
+
+async def test_a_vanished_agentapi_is_noticed_at_once_after_a_followed_stream(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """When a stream that was followed for a while ends, the first reconnect is immediate,
+    so agentapi stopping is known (state.gone) within a second even with a long back-off;
+    the failed connect after it backs off as usual."""
+    now = [0.0]
+    settings = make_settings(agentapi_url=agent.url, reconnect_initial_s=5, reconnect_max_s=10)
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    async with aiohttp.ClientSession() as session:
+        client = AgentAPI(session, settings)
+        task = asyncio.create_task(client.follow(conv, clock=lambda: now[0]))
+        try:
+            await until(lambda: conv.connected, wake=conv.changed.wait)
+            now[0] += 2  # the stream has been followed for two seconds
+            seen = client.state.gone.version
+            await agent.stop()
+            async with asyncio.timeout(1):
+                await client.state.gone.wait(seen)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    retries = [json.loads(line)["retry_in_s"] for line in log_output.getvalue().splitlines()
+               if json.loads(line)["event"] == "agentapi_disconnected"]
+    assert retries[0] == 0
+    assert retries[1] > 0

@@ -50,6 +50,9 @@ from agent_sidecar.sse import Decoder, Event, Oversized
 log = logs.get("agentapi")
 
 HEALTHY_CONNECTION_S = 60.0  # a stream that lived this long resets the reconnect back-off
+# A followed stream that lived this long is retried at once when it ends; a shorter one
+# backs off, so an agentapi that drops every stream at once cannot make us spin.
+QUICK_RECONNECT_AFTER_S = 1.0
 EVENTS_RETRY_S = 60.0  # while polling, how often to try /events again
 NOT_STABLE = "agent is waiting for user input"  # the text of agentapi's "not stable" 500
 # The released phase 1 failure (v0.10 - v0.12.1): the text was typed, Enter was not sent.
@@ -455,13 +458,20 @@ class AgentAPI:
                 reason = f"{type(exc).__name__}: {exc}"
                 if lost and not conversation.connected:  # the connect after it failed
                     self.state.gone.notify()
+            lived = clock() - started
             lost = conversation.connected
             conversation.set_connected(False)
             self.state.last_error = reason
-            if clock() - started >= HEALTHY_CONNECTION_S:
+            if lived >= HEALTHY_CONNECTION_S:
                 backoff.reset()
-            delay = backoff.next_delay(self.settings.reconnect_initial_s,
-                                       self.settings.reconnect_max_s)
+            if lost and lived >= QUICK_RECONNECT_AFTER_S:
+                # A stream that ends is normal (agentapi drops slow readers), and so is
+                # agentapi stopping at workspace stop: try again at once, so that a vanished
+                # agentapi is noticed (state.gone) while the stop script's upload is fresh.
+                delay = 0.0
+            else:
+                delay = backoff.next_delay(self.settings.reconnect_initial_s,
+                                           self.settings.reconnect_max_s)
             self.state.reconnects += 1
             self._on_event("reconnect")
             log.warning("agentapi_disconnected", error=reason, retry_in_s=round(delay, 2))
