@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -49,7 +50,7 @@ async def test_the_sidecar_writes_after_the_modules_stop_script(
     stops: coderd ends up holding the sidecar's 40-message snapshot, whether the sidecar
     then gets SIGTERM at once (the final upload is made although coderd had accepted that
     body before) or SIGKILL 4 s later (the upload after agentapi went away), at the
-    default settings."""
+    default settings, within 2 s of agentapi stopping."""
     agent = forty
     task_id = coderd.add_task()
     task = str(task_id)
@@ -62,6 +63,7 @@ async def test_the_sidecar_writes_after_the_modules_stop_script(
         await stop_script(agent, coderd, task)
         assert len(json.loads(coderd.snapshots[task_id])["messages"]) == 10
         await agent.stop()  # the script's SIGTERM to agentapi: its streams end
+        stopped = time.monotonic()
         if ending == "SIGTERM at once":
             sidecar.signal(signal.SIGTERM)
             assert await sidecar.wait() == 0
@@ -69,5 +71,8 @@ async def test_the_sidecar_writes_after_the_modules_stop_script(
             await asyncio.sleep(4)  # the scenario's timing: the pod is killed 4 s later
             sidecar.signal(signal.SIGKILL)
             assert await sidecar.wait() == -signal.SIGKILL
+            [again] = [u for u in coderd.uploads if u.at > stopped]
+            assert again.body == ours
+            assert again.at - stopped <= 2  # issue 9: at most 2 s at the defaults
     assert coderd.snapshots[task_id] == ours
     assert len(json.loads(ours)["messages"]) == 40
