@@ -248,7 +248,7 @@ def peak_during() -> Callable[[], int]:
 
 
 async def test_a_messages_body_over_the_cap_is_refused_without_reading_it_all() -> None:
-    """A 256 MiB /messages answer, with max_response_bytes at 1 MiB, is refused after about
+    """A 256 MiB /messages answer, with max_agentapi_response_bytes at 1 MiB, is refused after about
     1 MiB: the rest is never read."""
     written = 0
 
@@ -265,7 +265,7 @@ async def test_a_messages_body_over_the_cap_is_refused_without_reading_it_all() 
         return resp
 
     async with serving(web.get("/messages", huge)) as url, aiohttp.ClientSession() as session:
-        client = client_for(session, url, max_response_bytes=1 << 20)
+        client = client_for(session, url, max_agentapi_response_bytes=1 << 20)
         stop = peak_during()
         try:
             with pytest.raises(AgentAPIError, match="more than 1048576 bytes"):
@@ -289,7 +289,7 @@ async def test_a_compressed_bomb_expands_no_further_than_the_cap(answer: str) ->
 
     routes = [web.get(p, bombed) for p in ("/messages", "/status")]
     async with serving(*routes) as url, aiohttp.ClientSession() as session:
-        client = client_for(session, url, max_response_bytes=1 << 20)
+        client = client_for(session, url, max_agentapi_response_bytes=1 << 20)
         stop = peak_during()
         try:
             with pytest.raises(AgentAPIError) as err:

@@ -21,7 +21,7 @@ agent type (FollowState); status_change keeps agent_type current. Under ACP:
   and every poll rebuild the model anyway.
 
 What agentapi sends is bounded (issue 15): response bodies by a cap after decompression
-(bodies.py; /messages by `max_response_bytes`), SSE events by `max_event_bytes`, and
+(bodies.py; /messages by `max_agentapi_response_bytes`), SSE events by `max_event_bytes`, and
 redirects are followed only within agentapi's own origin (issue 10): agentapi's API paths
 never redirect (only `/` does, to its chat UI), so a redirect elsewhere is refused and
 named, never followed to another host.
@@ -342,8 +342,8 @@ class AgentAPI:
         A message coderd could not take is dropped with a warning; one whose time is
         unusable is kept with the time it was read (see conversation.go_time).
         """
-        data = await self._get_json("/messages", self.settings.max_response_bytes,
-                                   "max_response_bytes")
+        data = await self._get_json("/messages", self.settings.max_agentapi_response_bytes,
+                                   "max_agentapi_response_bytes")
         raw = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(raw, list):
             raise AgentAPIError("GET /messages answered without a messages list")

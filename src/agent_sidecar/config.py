@@ -220,7 +220,7 @@ class Settings(BaseSettings):
         32 * 1024 * 1024, ge=65536,
         description="larger SSE events (or lines) from agentapi are dropped as they arrive",
     )
-    max_response_bytes: int = Field(
+    max_agentapi_response_bytes: int = Field(
         32 * 1024 * 1024, ge=65536,
         description="cap on one agentapi response body (GET /messages), decompressed",
     )

@@ -47,7 +47,7 @@ LIVE_SETTINGS = frozenset({
     "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
     "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
     "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
-    "max_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+    "max_agentapi_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
     "acp_turn_timeout_s", "relay_max_connections", "relay_header_timeout_s",
     "relay_body_timeout_s", "relay_idle_timeout_s",
     "unhealthy_after_s", "reupload_settle_s", "reupload_min_interval_s",
