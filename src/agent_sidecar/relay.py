@@ -298,8 +298,6 @@ class Relay:
         finally:
             self.raw_waiting -= 1
         try:
-            if self.closing:
-                raise _Closing
             await self._post(inp, self.settings.send_timeout_s, wait_until)
         finally:
             self._wire.release()
@@ -323,8 +321,6 @@ class Relay:
                 try:
                     await self._acquire(self._wire, wait_until)
                     try:
-                        if self.closing:
-                            raise _Closing
                         answer_by = await self._post(inp, timeout_s, wait_until)
                     finally:
                         self._wire.release()
@@ -371,12 +367,14 @@ class Relay:
         await first_of(self.conversation.wait_changed(version), self._closed.wait())
 
     async def _post(self, inp: Input, timeout_s: float, wait_until: float) -> float:
-        """POST the input; the loop time by which its answer (and a reply) must be done.
-        Once a POST has started it is finished even if our client hangs up: agentapi cannot
-        unsend typed keystrokes, and abandoning it would leave its lock held."""
+        """POST the input, unless the relay is closing (the caller holds the wire lock); the
+        loop time by which its answer (and a reply) must be done. Once a POST has started it
+        is finished even if our client hangs up: agentapi cannot unsend typed keystrokes, and
+        abandoning it would leave its lock held."""
+        if self.closing:
+            raise _Closing
         loop = asyncio.get_running_loop()
-        connect_s = min(self.settings.agentapi_timeout_s,
-                        max(CONNECT_FLOOR_S, wait_until - loop.time()))
+        connect_s = self._connect_s(wait_until)
         answer_by = loop.time() + timeout_s  # connecting to agentapi is all but instant
         send = asyncio.ensure_future(self.agentapi.send(
             inp.text, inp.kind, timeout_s=timeout_s, connect_timeout_s=connect_s))
@@ -394,15 +392,12 @@ class Relay:
         before v0.12, which says nothing) asked once per agentapi connection;
         None when that cannot be told in time (then a user input goes as over a PTY, and a
         raw one is not sent)."""
+        known = self._known_transport()
+        if known is not None:
+            return known
         state = self.agentapi.state
-        if state.transport is not None:
-            return state.transport
-        if self._probed is not None and self._probed[0] == state.reconnects:
-            return self._probed[1]
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(min(self.settings.agentapi_timeout_s,
-                                           max(CONNECT_FLOOR_S, wait_until - loop.time()))):
+            async with asyncio.timeout(self._connect_s(wait_until)):
                 info = await self.agentapi.status_info()
             # Before v0.12 agentapi says nothing: those versions have no ACP.
             transport = info.transport or "pty"
@@ -411,6 +406,22 @@ class Relay:
             return None
         self._probed = (state.reconnects, transport)
         return transport
+
+    def _known_transport(self) -> str | None:
+        """"pty" or "acp" as the follower or this agentapi connection's probe told; None
+        when neither has."""
+        state = self.agentapi.state
+        if state.transport is not None:
+            return state.transport
+        if self._probed is not None and self._probed[0] == state.reconnects:
+            return self._probed[1]
+        return None
+
+    def _connect_s(self, wait_until: float) -> float:
+        """How long connecting to agentapi (or asking it for its transport) may take: what
+        is left of wait_s, but at least CONNECT_FLOOR_S and at most agentapi_timeout_s."""
+        left = wait_until - asyncio.get_running_loop().time()
+        return min(self.settings.agentapi_timeout_s, max(CONNECT_FLOOR_S, left))
 
     # -- reply ---------------------------------------------------------------------------
 
@@ -459,10 +470,7 @@ class Relay:
         """The bound on one POST /message once written: acp_turn_timeout_s under ACP, and
         the larger of the two while the transport is not known yet."""
         s = self.settings
-        state = self.agentapi.state
-        transport = state.transport
-        if transport is None and self._probed is not None and self._probed[0] == state.reconnects:
-            transport = self._probed[1]
+        transport = self._known_transport()
         if transport == "acp":
             return s.acp_turn_timeout_s
         if transport == "pty":
