@@ -47,6 +47,11 @@ class ConnectionOwner(Protocol):
 
 # -- aiohttp coupling ----------------------------------------------------------------------
 #
+# Verified against aiohttp 3.14.4 and 3.14.5, the range pyproject.toml allows (>=3.14.4,
+# <3.15): the relay tests pass on both. Older releases fail them: before 3.14.4 aiohttp
+# starts its keep-alive timer only after a first answer, so a connection that never sends
+# a request is never timed out. Check a new minor version here before raising the bound.
+#
 # Why: aiohttp has no public way to ask whether a connection is between requests, nor to
 # fail a pending body when the peer half-closes. The relay needs the first to tell idle
 # connections (evicted at the cap, under the header timer, closed at a read-side EOF) from
@@ -102,7 +107,7 @@ class Connection(RequestHandler):
             access_log=None,  # type: ignore[arg-type]  # typed Logger; None means none
             tcp_keepalive=False, auto_decompress=False,
             # aiohttp's keep-alive timeout closes a connection that has no request from its
-            # start, or since its last answer: the idle timeout.
+            # start (since aiohttp 3.14.4), or since its last answer: the idle timeout.
             keepalive_timeout=settings.relay_idle_timeout_s,
             lingering_time=settings.relay_body_timeout_s)
         self._owner = owner
