@@ -76,7 +76,7 @@ class Health:
 
 
 class _Closing(Exception):
-    pass
+    """The relay is closing: the input is not sent."""
 
 
 class _NotReady(Exception):
