@@ -19,8 +19,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from standins import VERSIONS, FakeAgentAPI, Version, problem
 
 from agent_sidecar.agentapi import AgentAPI
@@ -29,11 +27,9 @@ from agent_sidecar.metrics import Metrics
 from agent_sidecar.relay import (
     ANSWER_MARGIN_S,
     Health,
-    Input,
     Relay,
     RelayError,
     bind_unix,
-    parse_send,
     reply_to,
 )
 from agent_sidecar.simulator import echo_reply
@@ -796,32 +792,6 @@ async def test_any_malformed_body_is_a_400_never_a_500(
     assert answer["message"] == message
     assert len(answer["detail"]) <= 400
     assert env.agent.received == []
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                  max_size=3),
-    max_leaves=20,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(body=st.dictionaries(st.sampled_from(["input", "type", "wait_s", "reply", "x"]),
-                            json_values, max_size=5))
-def test_parse_send_answers_any_json_object_without_raising(body: dict[str, Any]) -> None:
-    """Any JSON object is either a valid input or a 400, never an exception."""
-    raw = json.dumps(body).encode()
-    parsed = parse_send(raw, 30.0)
-    assert isinstance(parsed, Input) or parsed.status == 400
-
-
-@settings(max_examples=300, deadline=None)
-@given(raw=st.binary(max_size=200))
-def test_parse_send_answers_any_bytes_without_raising(raw: bytes) -> None:
-    """Any bytes at all are either a valid input or a 400, never an exception."""
-    parsed = parse_send(raw, 30.0)
-    assert isinstance(parsed, Input) or parsed.status == 400
 
 
 async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from standins import FakeAgentAPI
 
-from agent_sidecar.relay import _hung_up
+from agent_sidecar.unix_socket import hung_up
 
 from .conftest import until
 from .rawhttp import RawClient, request_bytes, send_bytes
@@ -96,11 +96,11 @@ def test_pollhup_tells_a_hang_up_from_a_half_close() -> None:
     the test the relay makes at a read-side EOF."""
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, peer:
-        assert not _hung_up(ours.fileno())
+        assert not hung_up(ours.fileno())
         peer.shutdown(socket.SHUT_WR)
-        assert not _hung_up(ours.fileno())
+        assert not hung_up(ours.fileno())
         peer.close()
-        assert _hung_up(ours.fileno())
+        assert hung_up(ours.fileno())
 
 
 async def test_a_half_close_mid_body_is_a_400_at_once(env: Env) -> None:
@@ -242,11 +242,12 @@ async def test_accept_backs_off_when_the_process_is_out_of_descriptors(
     monkeypatch.setattr(loop, "sock_accept", out_of_fds)
     await env.http.close()
     # Restart the loop so that it picks up the failing accept.
-    assert env.relay._acceptor is not None
-    assert env.relay._listener is not None
-    env.relay._acceptor.cancel()
-    await asyncio.gather(env.relay._acceptor, return_exceptions=True)
-    env.relay._acceptor = loop.create_task(env.relay._accept_loop(env.relay._listener))
+    server = env.relay.server
+    assert server._acceptor is not None
+    assert server._listener is not None
+    server._acceptor.cancel()
+    await asyncio.gather(server._acceptor, return_exceptions=True)
+    server._acceptor = loop.create_task(server._accept_loop(server._listener))
     started = time.monotonic()
     await asyncio.sleep(1.0)  # a measurement window, not a synchronisation
     elapsed = time.monotonic() - started

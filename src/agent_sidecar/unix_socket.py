@@ -1,0 +1,134 @@
+"""The relay's Unix socket at the level of the kernel: binding the private socket file, who
+the peer is (SO_PEERCRED), and whether the peer has hung up for good (POLLHUP) or only shut
+down its write side. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from agent_sidecar import paths
+
+UNIX_PATH_MAX = 107
+
+
+class RelayError(Exception):
+    """The socket cannot be served; the message says why and what to do."""
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """Bind a private listening socket at `path`, replacing a stale one, never a live one."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise RelayError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
+                         "choose a shorter --socket")
+    try:
+        paths.ensure_private_dir(str(path))  # the per-uid default directory: ours, 0700
+    except paths.UnsafeDirectory as exc:
+        raise RelayError(str(exc)) from None
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True)
+        parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RelayError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale: nobody is listening
+        except OSError as exc:
+            raise RelayError(f"cannot probe existing socket {path}: {exc.strerror}") from None
+        else:
+            raise RelayError(f"another process is serving {path}; stop it or choose "
+                             "another --socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is never, even briefly, open to others
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise RelayError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    path.chmod(0o600)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), or None if the transport has none."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def hung_up(fd: int) -> bool:
+    """The peer of this stream socket has hung up for good (POLLHUP). A half-close (the peer
+    shut down only its write side) does not raise POLLHUP."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLHUP and POLLERR are reported whatever the mask
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
+class Hangups:
+    """Tells when half-closed peers hang up for good, without polling: one epoll holds the
+    watched sockets with an empty mask (epoll always reports EPOLLHUP and EPOLLERR), and the
+    event loop watches that epoll. A callback runs once per watched socket; `unwatch` before
+    the socket is closed. Linux only; `create()` returns None elsewhere, and raises OSError
+    when no epoll can be made. Owns that epoll descriptor until `close()`; nothing in it
+    awaits, so there is nothing to cancel."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    @classmethod
+    def create(cls, loop: asyncio.AbstractEventLoop) -> Hangups | None:
+        return cls(loop) if hasattr(select, "epoll") else None
+
+    def watch(self, fd: int, on_hangup: Callable[[], None]) -> None:
+        if fd not in self._callbacks:
+            self._epoll.register(fd, 0)
+        self._callbacks[fd] = on_hangup
+
+    def unwatch(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        for fd, _events in self._epoll.poll(0):
+            callback = self._callbacks.get(fd)
+            self.unwatch(fd)
+            if callback is not None:
+                callback()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._callbacks.clear()
