@@ -220,13 +220,27 @@ def test_systemd_unit_matches_the_daemon() -> None:
 
 
 def test_dockerfile_essentials() -> None:
-    """Multi-stage, non-root, tini as PID 1 in exec form, SIGTERM, and a health check."""
+    """Multi-stage from one base given as a build argument, non-root, tini as PID 1 in exec
+    form, SIGTERM, and a health check."""
     text = (ROOT / "Dockerfile").read_text()
-    assert len(re.findall(r"^FROM python:3\.12-slim", text, re.M)) == 2
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.12-slim$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     assert re.search(r"^USER 10001", text, re.M)
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "agent-sidecar"]' in text
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
     assert 'CMD ["agent-sidecar", "check"]' in text
+
+
+def test_dockerfile_installs_into_venvs() -> None:
+    """Every pip runs from a venv, so the build works on Debian's own python3, which refuses
+    a system-wide install (PEP 668), as well as on the official python image."""
+    text = (ROOT / "Dockerfile").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    pips = re.findall(r"(\S*pip) (?:install|wheel)\b", code)
+    assert pips == ["/build/bin/pip", "/opt/agent-sidecar/bin/pip"]
+    assert "python3 -m venv /build" in text
+    assert "python3 -m venv /opt/agent-sidecar" in text
+    assert re.search(r"^ENV PATH=/opt/agent-sidecar/bin:\$PATH", text, re.M)
 
 
 def test_deploy_examples_share_the_socket() -> None:
