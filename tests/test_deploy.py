@@ -243,6 +243,20 @@ def test_dockerfile_installs_into_venvs() -> None:
     assert re.search(r"^ENV PATH=/opt/agent-sidecar/bin:\$PATH", text, re.M)
 
 
+def test_systemd_unit_has_no_restart_loop_on_bad_config() -> None:
+    """A bad configuration is refused by `run` itself (exit 2, which RestartPreventExitStatus
+    covers), not by an ExecStartPre= check, which systemd would restart in a loop."""
+    u = unit()
+    assert "ExecStartPre" not in u
+    assert u["ExecStart"] == ["/usr/local/bin/agent-sidecar run"]
+    assert u["RestartPreventExitStatus"] == ["2"]
+
+
+def test_systemd_unit_enables_faulthandler() -> None:
+    """A watchdog kill (SIGABRT) leaves a Python traceback: PYTHONFAULTHANDLER=1."""
+    assert "PYTHONFAULTHANDLER=1" in unit()["Environment"]
+
+
 def test_deploy_examples_share_the_socket() -> None:
     """The Kubernetes and Compose examples parse, and both containers see the same socket."""
     pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
