@@ -257,6 +257,32 @@ def test_systemd_unit_enables_faulthandler() -> None:
     assert "PYTHONFAULTHANDLER=1" in unit()["Environment"]
 
 
+def test_compose_socket_volume_is_the_services_own() -> None:
+    """Both services mount the socket volume with nocopy, so Docker does not copy an image's
+    /run/agent-sidecar owner (10001) and mode onto it, and the tmpfs belongs to the uid both
+    run as, mode 0700."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    opts = compose["volumes"]["agent-sidecar-run"]["driver_opts"]
+    for service in compose["services"].values():
+        uid, gid = service["user"].split(":")
+        assert f"uid={uid},gid={gid},mode=0700" == opts["o"]
+        [mount] = service["volumes"]
+        assert mount == {"type": "volume", "source": "agent-sidecar-run",
+                         "target": "/run/agent-sidecar", "volume": {"nocopy": True}}
+
+
+def test_probes_split_liveness_from_readiness() -> None:
+    """The pod's liveness probe asks only whether the daemon lives (`check --live`); the
+    readiness probe and Docker's HEALTHCHECK run `check`, which includes agentapi."""
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
+    sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "agent-sidecar")
+    assert sidecar["livenessProbe"]["exec"]["command"] == ["agent-sidecar", "check", "--live"]
+    assert sidecar["readinessProbe"]["exec"]["command"] == ["agent-sidecar", "check"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.findall(r'CMD \["agent-sidecar", "check"[^\]]*\]', dockerfile) == [
+        'CMD ["agent-sidecar", "check"]']
+
+
 def test_deploy_examples_share_the_socket() -> None:
     """The Kubernetes and Compose examples parse, and both containers see the same socket."""
     pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
