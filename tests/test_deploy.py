@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from standins import FakeAgentAPI, FakeCoderd
 
+from agent_sidecar.config import Settings
 from agent_sidecar.sdnotify import Notifier
 
 from .conftest import Datagrams
@@ -257,6 +258,39 @@ def test_systemd_unit_enables_faulthandler() -> None:
     assert "PYTHONFAULTHANDLER=1" in unit()["Environment"]
 
 
+def readme_block_after(marker: str) -> list[str]:
+    """The lines of the first ```sh block after `marker` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(marker + "\n", 1)[1]
+    assert after.startswith("```sh\n")
+    return after.removeprefix("```sh\n").split("\n```\n", 1)[0].splitlines()
+
+
+def test_readme_debian12_install_is_what_the_engine_test_runs() -> None:
+    """The README installs into a venv under /opt (Debian 12 refuses a system-wide pip
+    install, PEP 668), links the command where the unit runs it, and deploy/test/run.sh runs
+    exactly that block, found by its marker."""
+    script = (ROOT / "deploy" / "test" / "run.sh").read_text()
+    marker = re.search(r"^README_MARKER='(.+)'$", script, re.M)
+    assert marker is not None
+    block = readme_block_after(marker.group(1))
+    assert block[0] == "apt-get update && apt-get install -y python3-venv"
+    assert block[1] == "python3 -m venv /opt/agent-sidecar"
+    pip = [line for line in block if " install " in line and "pip" in line]
+    assert len(pip) == 1
+    assert pip[0].startswith("/opt/agent-sidecar/bin/pip install agent-sidecar ")
+    assert block[-1] == "ln -sf /opt/agent-sidecar/bin/agent-sidecar /usr/local/bin/agent-sidecar"
+    assert unit()["ExecStart"][0].startswith("/usr/local/bin/agent-sidecar ")
+
+
+def test_readme_says_the_token_file_must_be_readable_by_the_user() -> None:
+    """The systemd section says a token file must be readable by the unit's User=."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### As a systemd service", 1)[1].split("\n### ", 1)[0]
+    assert "**A token file must be readable by that user**" in section
+    assert "Set `User=` in the unit to the workspace user" in section
+
+
 def test_compose_socket_volume_is_the_services_own() -> None:
     """Both services mount the socket volume with nocopy, so Docker does not copy an image's
     /run/agent-sidecar owner (10001) and mode onto it, and the tmpfs belongs to the uid both
@@ -281,6 +315,38 @@ def test_probes_split_liveness_from_readiness() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.findall(r'CMD \["agent-sidecar", "check"[^\]]*\]', dockerfile) == [
         'CMD ["agent-sidecar", "check"]']
+
+
+def test_stop_timeouts_leave_room_for_the_final_upload() -> None:
+    """Compose's stop_grace_period and the pod's grace period exceed shutdown_timeout_s, and
+    the README tells Docker users about --stop-timeout (Docker's default, 10 s, is close)."""
+    budget = Settings.model_fields["shutdown_timeout_s"].default
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    grace = compose["services"]["agent-sidecar"]["stop_grace_period"]
+    assert float(grace.removesuffix("s")) >= budget + 5
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= budget + 5
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### As a container sidecar", 1)[1].split("\n## ", 1)[0]
+    assert "`docker run --stop-timeout 15`" in section
+    assert "`stop_grace_period: 15s`" in section
+
+
+def test_engine_test_without_privileges_is_a_notice_or_a_ci_failure() -> None:
+    """deploy/test/run.sh without root prints a NOTICE line and exits 0, but fails under
+    CI=true, before it touches anything."""
+    script = ROOT / "deploy" / "test" / "run.sh"
+    drop = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            if os.geteuid() == 0 else [])
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    local = subprocess.run([*drop, "bash", str(script)], capture_output=True, text=True,
+                           env=env, timeout=30, check=False, cwd="/")
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.startswith("NOTICE: real-engine deployment test skipped: not root")
+    ci = subprocess.run([*drop, "bash", str(script)], capture_output=True, text=True,
+                        env={**env, "CI": "true"}, timeout=30, check=False, cwd="/")
+    assert ci.returncode == 1
+    assert "CI=true requires it" in ci.stderr
 
 
 def test_deploy_examples_share_the_socket() -> None:
