@@ -22,9 +22,9 @@ FROM ${PYTHON_IMAGE}
 # tini reaps children and forwards SIGTERM to the daemon, which then does its final upload.
 # tini is not version-pinned: the base image's Debian release fixes it, and a pin would
 # break the build at every Debian point release.
-# The group is created first, with gid 10001: `useradd --system --user-group` would pick
-# a free system gid (999) instead, and `USER 10001:10001` would then run with a gid that
-# has no group entry. Not --system: ids above 999 are outside the system range, and
+# The group is created first, with gid 10001: `useradd --system --user-group` picks a free
+# system gid instead (999), and `USER 10001:10001` would then run with a gid that has no
+# group entry. Not --system: ids above 999 are outside the system range, and
 # useradd and groupadd would warn about it.
 # hadolint ignore=DL3008
 RUN apt-get update \

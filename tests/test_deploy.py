@@ -244,6 +244,19 @@ def test_dockerfile_installs_into_venvs() -> None:
     assert re.search(r"^ENV PATH=/opt/agent-sidecar/bin:\$PATH", text, re.M)
 
 
+def test_dockerfile_user_has_a_group_of_its_own() -> None:
+    """The image's group is created first, with gid 10001: `useradd --system --user-group`
+    picks a free system gid (999), and `USER 10001:10001` would then run with a gid that has
+    no group entry."""
+    text = (ROOT / "Dockerfile").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    group = code.index("groupadd --gid 10001 sidecar")
+    user = code.index("useradd --uid 10001 --gid 10001 ")
+    assert group < user
+    assert "--user-group" not in code
+    assert re.search(r"^USER 10001:10001$", code, re.M)
+
+
 def test_systemd_unit_has_no_restart_loop_on_bad_config() -> None:
     """A bad configuration is refused by `run` itself (exit 2, which RestartPreventExitStatus
     covers), not by an ExecStartPre= check, which systemd would restart in a loop."""

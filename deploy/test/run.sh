@@ -525,7 +525,7 @@ systemd_phase() {
     if [[ $state == failed/failed && $code == 2 ]] && unit_log_has "$since" "invalid settle_s"; then
         pass "exit 2, unit failed (not auto-restart), the journal says: $(unit_log "$since" | grep -F 'invalid settle_s' | head -n1)"
     else
-        fail_later "a bad configuration left the unit $state (result $result, main exit $code), so it restarts into the same error; the journal: $(unit_log "$since" | tail -n 3)"
+        fail_later "a bad configuration left the unit $state (result $result, main exit $code), so it restarts into the same error; the journal: $(unit_log "$since" | tail -n 3 | paste -sd '|')"
     fi
     write_env_file
     sctl stop agent-sidecar # ends a restart loop, had there been one
@@ -666,13 +666,13 @@ standins_container() { # standins_container NAME: the stand-ins on the host's lo
 container_view() { docker exec "$1" agent-sidecar status --json | status_view; }
 container_holds() { [[ $(container_view "$1") == "$2" ]]; }
 health() { docker inspect --format '{{.State.Health.Status}}' "$1"; }
-wait_healthy() { # wait_healthy CONTAINER SECONDS
-    local deadline=$(( ${EPOCHREALTIME/./} + $2 * 1000000 ))
+wait_healthy() { # wait_healthy CONTAINER SECONDS [NAME]
+    local deadline=$(( ${EPOCHREALTIME/./} + $2 * 1000000 )) name=${3:-$1}
     until [[ $(health "$1") == healthy ]]; do
         [[ $(docker inspect --format '{{.State.Running}}' "$1") == true ]] ||
-            { docker logs "$1" 2>&1 | tail -n 20; die "$1 exited: $(docker inspect --format '{{.State.ExitCode}}' "$1")"; }
+            { docker logs "$1" 2>&1 | tail -n 20; die "$name exited $(docker inspect --format '{{.State.ExitCode}}' "$1") before it was healthy"; }
         (( ${EPOCHREALTIME/./} < deadline )) ||
-            { docker logs "$1" 2>&1 | tail -n 20; die "$1 not healthy in $2s: $(health "$1")"; }
+            { docker logs "$1" 2>&1 | tail -n 20; die "$name not healthy in $2s: $(health "$1")"; }
         sleep 0.2
     done
 }
@@ -752,7 +752,7 @@ compose_phase() {
         { compose logs --no-color agent | tail -n 20; die "the agent container's stand-ins did not come up"; }
     local sidecar
     sidecar=$(compose ps -q agent-sidecar)
-    wait_healthy "$sidecar" 30
+    wait_healthy "$sidecar" 30 "the compose file's agent-sidecar"
     pass "docker-compose up: the sidecar is healthy next to the agent container"
     compose exec -T agent agent-sidecar send "hello from the agent container" ||
         { compose logs --no-color agent-sidecar | tail -n 20; die "agent-sidecar send in the agent container failed"; }
