@@ -445,7 +445,7 @@ systemd_phase() {
     [[ $active/$sub == active/running ]] || die "after READY: $active ($sub)"
     in_ct systemctl status agent-sidecar --no-pager | contains 'active (running)' || die "systemctl status does not say active (running)"
     [[ $status_text == "following agentapi, "* ]] || die "StatusText after READY: '$status_text'"
-    unit_log_event "$since" ready || die "READY came before the daemon logged ready"
+    unit_log_event "$since" ready || die "active, but the daemon logged no ready event"
     pass "READY=1 after $(elapsed "$t0" "${EPOCHREALTIME/./}")s: active (running), StatusText=\"$status_text\""
 
     local dir_mode sock_mode
@@ -559,9 +559,8 @@ systemd_phase() {
     count=$(ctl_ct add user "said just before the stop")
     wait_for 10 daemon_holds "$count stable" ||
         die "the daemon holds '$(daemon_view)', not '$count stable', 10s after a message was added"
+    local stop_s
     since=$(now)
-    local started stop_s
-    started=$(now)
     t0=${EPOCHREALTIME/./}
     sctl stop agent-sidecar || die "systemctl stop failed"
     stop_s=$(elapsed "$t0" "${EPOCHREALTIME/./}")
@@ -570,7 +569,7 @@ systemd_phase() {
     [[ $result == success && $code == 0 ]] || die "systemctl stop: result $result, exit status $code"
     unit_log "$since" | grep -F final_flush_done | has_field delivered true ||
         die "no delivered final flush in the journal: $(unit_log "$since" | tail -n 5)"
-    ctl_ct --timeout 5 wait-stored --after "$started" >/dev/null
+    ctl_ct --timeout 5 wait-stored --after "$since" >/dev/null
     pass "systemctl stop took ${stop_s}s, exit 0; the final upload brought the last message to coderd"
 
     phase "systemd: power off the container"
@@ -677,8 +676,21 @@ wait_healthy() { # wait_healthy CONTAINER SECONDS [NAME]
     done
 }
 
+ports_free() { # the host's loopback ports the containers listen on (host networking)
+    python3 - "$AGENTAPI_PORT" "$CODERD_PORT" "$CONTROL_PORT" <<'PY'
+import socket, sys
+for port in map(int, sys.argv[1:]):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sys.exit(f"127.0.0.1:{port} is taken ({exc.strerror}); the Docker phase needs it")
+PY
+}
+
 docker_run_phase() {
     phase "docker: run the image read-only, no capabilities, non-root"
+    ports_free || die "stop what listens there, or run: bash deploy/test/run.sh systemd"
     standins_container engines-standins
     local t0
     t0=${EPOCHREALTIME/./}
