@@ -15,7 +15,15 @@ from standins.agentapi import (
     problem,
     sse_event,
 )
-from standins.coderd import FakeCoderd, Upload, coder_error
+from standins.coderd import (
+    FakeCoderd,
+    Upload,
+    coder_error,
+    front_body_limit,
+    nginx_page,
+    redirecting,
+)
+from standins.proxy import ForwardProxy
 from standins.waiting import hanging, wait_for_file
 
 __all__ = [
@@ -24,12 +32,16 @@ __all__ = [
     "FakeAgentAPI",
     "FakeCoderd",
     "FakeMessage",
+    "ForwardProxy",
     "Upload",
     "Version",
     "coder_error",
+    "front_body_limit",
     "hanging",
+    "nginx_page",
     "now_rfc3339",
     "problem",
+    "redirecting",
     "sse_event",
     "wait_for_file",
 ]

@@ -2,7 +2,11 @@
 
 It validates an upload exactly as coder-contract.md §1 orders coderd's checks (token,
 task id, query, format, ownership, size, JSON, messages, NUL) and answers with coderd's
-bodies. Tests script failures, hangs and rate limits with `hook` and `rate_limit`.
+bodies. It also serves the public `GET /api/v2/buildinfo`, and can run as a Coder without
+Tasks (`tasks_served = False`: v2.36 with CODER_ENABLE_AI_TASKS off, v2.37+), where the
+route is not registered and an authenticated upload gets chi's 404 "Route not found."
+(field-notes.md §1). Tests script failures, hangs, rate limits and fronts with `hook`
+(`front_body_limit`, `redirecting`, `nginx_page` make the usual fronts) and `rate_limit`.
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ class FakeCoderd:
 
     LIMIT = CODERD_MAX_BODY_BYTES
 
-    def __init__(self, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, token: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                 version: str = "v2.34.5+c0ffee1") -> None:
         self.token = token or str(uuid.uuid4())
+        self.version = version  # what GET /api/v2/buildinfo says
+        self.tasks_served = True  # False: a Coder without Tasks (the route is missing)
+        self.buildinfo_requests: list[dict[str, str]] = []  # their headers
         self.tasks: set[uuid.UUID] = set()
         self.snapshots: dict[uuid.UUID, bytes] = {}
         self.uploads: list[Upload] = []
@@ -103,6 +111,16 @@ class FakeCoderd:
                 await self.stored.wait()
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/api/v2/buildinfo" and request.method == "GET":
+            # Public, before any middleware that needs a token; not counted as an upload.
+            self.buildinfo_requests.append(dict(request.headers))
+            return web.json_response({
+                "external_url": self.url.rstrip("/"), "version": self.version,
+                "dashboard_url": self.url.rstrip("/"), "workspace_proxy": False,
+                "agent_api_version": "2.0", "provisioner_api_version": "1.0",
+                "upgrade_message": "", "deployment_id": "00000000-0000-4000-8000-000000000000",
+                "webpush_public_key": "", "telemetry": False,
+            })
         arrived = time.time()
         raw = await request.read()
         status = 0  # no answer: the handler was cancelled (a hang the client gave up on)
@@ -152,7 +170,8 @@ class FakeCoderd:
                 "The agent cannot authenticate until the workspace provision job has been "
                 "completed. If the job is no longer running, this agent is invalid.",
             )
-        if len(parts) != 8 or parts[5] != "tasks" or parts[7] != "log-snapshot":
+        if (len(parts) != 8 or parts[5] != "tasks" or parts[7] != "log-snapshot"
+                or not self.tasks_served):
             return coder_error(404, "Route not found.")
         if request.method != "POST":
             return web.Response(status=405, headers={"Allow": "POST"})
@@ -201,3 +220,32 @@ class FakeCoderd:
                                "unsupported Unicode escape sequence")
         self.snapshots[task] = raw
         return web.Response(status=204)
+
+
+def nginx_page(status: int, reason: str) -> web.Response:
+    """An error page as nginx writes it: HTML, not coderd's JSON."""
+    body = (f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
+            f"<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+            "</body>\r\n</html>\r\n")
+    return web.Response(status=status, text=body, content_type="text/html")
+
+
+def front_body_limit(max_bytes: int) -> Hook:
+    """A front (nginx with client_max_body_size) that refuses larger bodies with its own
+    HTML 413 before coderd sees them."""
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        if len(await request.read()) > max_bytes:
+            return nginx_page(413, "Request Entity Too Large")
+        return None
+
+    return hook
+
+
+def redirecting(status: int, location: Callable[[web.Request], str]) -> Hook:
+    """A front that answers every request but buildinfo with a redirect to
+    `location(request)`."""
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        return web.Response(status=status, headers={"Location": location(request)},
+                            text=f"{status} redirect", content_type="text/plain")
+
+    return hook

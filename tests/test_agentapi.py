@@ -248,7 +248,7 @@ def peak_during() -> Callable[[], int]:
 
 
 async def test_a_messages_body_over_the_cap_is_refused_without_reading_it_all() -> None:
-    """A 256 MiB /messages answer, with max_response_bytes at 1 MiB, is refused after about
+    """A 256 MiB /messages answer, with max_agentapi_response_bytes at 1 MiB, is refused after about
     1 MiB: the rest is never read."""
     written = 0
 
@@ -265,7 +265,7 @@ async def test_a_messages_body_over_the_cap_is_refused_without_reading_it_all() 
         return resp
 
     async with serving(web.get("/messages", huge)) as url, aiohttp.ClientSession() as session:
-        client = client_for(session, url, max_response_bytes=1 << 20)
+        client = client_for(session, url, max_agentapi_response_bytes=1 << 20)
         stop = peak_during()
         try:
             with pytest.raises(AgentAPIError, match="more than 1048576 bytes"):
@@ -289,7 +289,7 @@ async def test_a_compressed_bomb_expands_no_further_than_the_cap(answer: str) ->
 
     routes = [web.get(p, bombed) for p in ("/messages", "/status")]
     async with serving(*routes) as url, aiohttp.ClientSession() as session:
-        client = client_for(session, url, max_response_bytes=1 << 20)
+        client = client_for(session, url, max_agentapi_response_bytes=1 << 20)
         stop = peak_during()
         try:
             with pytest.raises(AgentAPIError) as err:
@@ -513,3 +513,31 @@ async def test_a_body_cut_short_is_unavailable_not_a_crash() -> None:
     async with serving(web.get("/messages", cut)) as url, aiohttp.ClientSession() as session:
         with pytest.raises(AgentAPIUnavailable, match="cut the body"):
             await client_for(session, url).messages(65536)
+
+
+async def test_a_vanished_agentapi_is_noticed_at_once_after_a_followed_stream(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """When a stream that was followed for a while ends, the first reconnect is immediate,
+    so agentapi stopping is known (state.gone) within a second even with a long back-off;
+    the failed connect after it backs off as usual."""
+    now = [0.0]
+    settings = make_settings(agentapi_url=agent.url, reconnect_initial_s=5, reconnect_max_s=10)
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    async with aiohttp.ClientSession() as session:
+        client = AgentAPI(session, settings)
+        task = asyncio.create_task(client.follow(conv, clock=lambda: now[0]))
+        try:
+            await until(lambda: conv.connected, wake=conv.changed.wait)
+            now[0] += 2  # the stream has been followed for two seconds
+            seen = client.state.gone.version
+            await agent.stop()
+            async with asyncio.timeout(1):
+                await client.state.gone.wait(seen)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    retries = [json.loads(line)["retry_in_s"] for line in log_output.getvalue().splitlines()
+               if json.loads(line)["event"] == "agentapi_disconnected"]
+    assert retries[0] == 0
+    assert retries[1] > 0

@@ -138,6 +138,7 @@ def coder(message: str, detail: str = "") -> dict[str, str]:
     (502, coder("agentapi rejected the input.", "failed to wait for screen to stabilize"), 1),
     (503, coder("agentapi cannot be reached.", "connect failed"), 5),
     (504, coder("The input was sent; agentapi did not answer.", "do not resend blindly"), 4),
+    (408, coder("The request did not arrive in time.", "headers took over 10s"), 5),
     (500, coder("The sidecar failed to handle this request.", "KeyError"), 1),
     (403, coder("This socket only serves its own user and root.", "peer uid 7"), 1),
 ])
@@ -353,6 +354,24 @@ async def test_bad_seconds_are_usage_errors(stub: StubRelay, value: str) -> None
 
 
 # -- status and check -----------------------------------------------------------------------
+
+
+async def test_status_text_names_the_agent_the_transport_and_coderd(stub: StubRelay) -> None:
+    """`status` shows agentapi's agent type and transport and coderd's version when the
+    daemon knows them, and the upload state (tasks_unavailable among them) as it is."""
+    stub.status = {
+        "version": "9.9.9", "uptime_s": 5,
+        "agentapi": {"url": "http://localhost:3284", "connected": True, "agent_status": "stable",
+                     "messages": 4, "agent_type": "claude", "transport": "acp"},
+        "uploads": {"enabled": True, "state": "tasks_unavailable", "consecutive_failures": 1},
+        "coderd": {"version": "v2.37.0"},
+        "relay": {"socket": "s", "queue_length": 0, "send_wait_s": 30, "send_timeout_s": 60},
+    }
+    run = await cli_run("status", "--socket", str(stub.socket))
+    assert run.code == 0, run.err
+    assert "connected (claude, acp), agent stable, 4 messages" in run.out
+    assert "tasks_unavailable, last success never, 1 failures in a row, coderd v2.37.0" in (
+        run.out)
 
 
 async def test_status_reads_a_chunked_answer(stub: StubRelay) -> None:

@@ -388,8 +388,9 @@ async def test_an_unreadable_token_file_is_a_startup_error(short_dir: Path) -> N
         subprocess.run, [sys.executable, "-m", "agent_sidecar", "run"], capture_output=True,
         text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"agent-sidecar: cannot start: token file "
-                                   f"{short_dir / 'missing'}: No such file or directory")
+    assert proc.stderr.strip() == (
+        f"agent-sidecar: cannot start: coder_token_file {short_dir / 'missing'} (from env "
+        "CODER_AGENT_TOKEN_FILE): cannot be read: No such file or directory")
 
 
 

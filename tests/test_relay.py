@@ -19,12 +19,24 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from standins import FakeAgentAPI, problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from standins import VERSIONS, FakeAgentAPI, Version, problem
 
 from agent_sidecar.agentapi import AgentAPI
-from agent_sidecar.conversation import Conversation
+from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.metrics import Metrics
-from agent_sidecar.relay import Health, Relay, RelayError, bind_unix
+from agent_sidecar.relay import (
+    ANSWER_MARGIN_S,
+    Health,
+    Input,
+    Relay,
+    RelayError,
+    bind_unix,
+    parse_send,
+    reply_to,
+)
+from agent_sidecar.simulator import echo_reply
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES
 
 from .conftest import make_settings, until
@@ -63,10 +75,11 @@ class Env:
         return [text for kind, text in self.agent.received if kind == "user"]
 
 
-@pytest.fixture
-async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def relay_env(agent: FakeAgentAPI, short_dir: Path, **overrides: Any) -> AsyncIterator[Env]:
+    """A relay on a real Unix socket in front of `agent`, followed by a real follower."""
     conv = Conversation(CODERD_MAX_BODY_BYTES)
-    settings = make_settings(agentapi_url=agent.url, send_wait_s=5)
+    settings = make_settings(**{"agentapi_url": agent.url, "send_wait_s": 5, **overrides})
     async with aiohttp.ClientSession() as agent_http:
         client = AgentAPI(agent_http, settings)
         follower = asyncio.create_task(client.follow(conv))
@@ -77,13 +90,19 @@ async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
         connector = aiohttp.UnixConnector(path=str(path))
         async with aiohttp.ClientSession(connector=connector) as http:
             environment = Env(agent, conv, relay, path, http)
-            await environment.synced()
             try:
+                await environment.synced()
                 yield environment
             finally:
                 await relay.stop()
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
+
+
+@pytest.fixture
+async def env(agent: FakeAgentAPI, short_dir: Path) -> AsyncIterator[Env]:
+    async with relay_env(agent, short_dir) as environment:
+        yield environment
 
 
 async def test_user_input_waits_for_stable_then_is_delivered(env: Env) -> None:
@@ -456,3 +475,371 @@ async def test_cli_status_and_check(env: Env) -> None:
     await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
     sick = await asyncio.to_thread(cli, "check", "--socket", str(env.socket))
     assert (sick.returncode, sick.stdout) == (1, "unhealthy: agentapi: not connected\n")
+
+
+# -- ordering (issue 11) ------------------------------------------------------------------
+
+
+async def test_raw_escape_reaches_agentapi_at_once_while_a_user_input_waits(env: Env) -> None:
+    """A raw Escape sent while a user input waits for stable reaches agentapi within 1 s,
+    and the user input is still delivered once the agent is stable."""
+    env.agent.set_status("running")
+    await env.synced()
+    queued = asyncio.create_task(env.send({"input": "next task", "wait_s": 8}))
+    await until(lambda: env.relay.busy)
+    async with asyncio.timeout(1):
+        assert await env.send({"input": "\x1b", "type": "raw"}) == (204, None)
+    assert env.agent.received == [("raw", "\x1b")]
+    assert not queued.done()
+    env.agent.set_status("stable")
+    assert (await queued)[0] == 204
+    assert env.users() == ["next task"]
+
+
+async def test_two_posts_never_interleave(env: Env) -> None:
+    """A raw input that arrives while a user POST /message is in flight waits for it: agentapi
+    never has two of the relay's POSTs at once."""
+    in_flight = 0
+    most = 0
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def track(request: web.Request) -> web.StreamResponse | None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            if (await request.json())["type"] == "user":
+                entered.set()
+                await release.wait()
+        finally:
+            in_flight -= 1
+        return None
+
+    env.agent.message_hook = track
+    user = asyncio.create_task(env.send({"input": "long"}))
+    async with asyncio.timeout(5):
+        await entered.wait()
+    raw = asyncio.create_task(env.send({"input": "\x1b", "type": "raw"}))
+    await until(lambda: env.relay.raw_waiting == 1)
+    release.set()
+    assert (await user)[0] == 204
+    assert (await raw)[0] == 204
+    assert most == 1
+    assert [kind for kind, _ in env.agent.received] == ["user", "raw"]
+
+
+async def test_raw_input_behind_a_post_that_outlasts_its_wait_is_409(env: Env) -> None:
+    """A raw input whose wait_s runs out while another POST is still in flight is not sent:
+    409, saying so."""
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse | None:
+        entered.set()
+        await release.wait()
+        return None
+
+    env.agent.message_hook = slow
+    user = asyncio.create_task(env.send({"input": "long"}))
+    async with asyncio.timeout(5):
+        await entered.wait()
+    status, body = await env.send({"input": "\x1b", "type": "raw", "wait_s": 0.2})
+    release.set()
+    assert (await user)[0] == 204
+    assert status == 409
+    assert body["message"] == "agentapi is still busy with the input before this one."
+    assert [kind for kind, _ in env.agent.received] == ["user"]
+
+
+# -- outcomes: never sent, refused, sent without an answer (issue 11, issue 9) -------------
+
+
+async def test_connect_failure_is_503_and_says_the_input_was_not_sent(
+    short_dir: Path,
+) -> None:
+    """When agentapi refuses the connection the input was never written: 503, 'not sent'."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"  # bound, never listening
+        settings = make_settings(agentapi_url=dead)
+        conv = Conversation(CODERD_MAX_BODY_BYTES)
+        conv.set_connected(True)  # the follower's view lags: it still says stable
+        conv.set_status("stable")
+        async with aiohttp.ClientSession() as agent_http:
+            client = AgentAPI(agent_http, settings)
+            client.state.transport = "pty"
+            relay = Relay(client, conv, Metrics(), settings)
+            await relay.start(short_dir / "r.sock")
+            try:
+                connector = aiohttp.UnixConnector(path=str(short_dir / "r.sock"))
+                async with aiohttp.ClientSession(connector=connector) as http, http.post(
+                        "http://sidecar/send", json={"input": "hello"}) as resp:
+                    status, body = resp.status, await resp.json()
+            finally:
+                await relay.stop()
+    assert status == 503
+    assert body["message"] == "agentapi cannot be reached."
+    assert body["detail"].endswith("the input was not sent")
+
+
+async def test_a_hanging_post_is_504_within_its_bound_and_never_retried(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """agentapi takes the POST and never answers while /status says stable: the answer is
+    504 'outcome unknown' within send_timeout_s (plus the margin), after exactly one POST."""
+    calls = 0
+    entered = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse | None:
+        nonlocal calls
+        calls += 1
+        entered.set()
+        await asyncio.Event().wait()
+        return None
+
+    agent.message_hook = hang
+    async with relay_env(agent, short_dir, send_timeout_s=0.5) as env:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, body = await env.send({"input": "hello", "wait_s": 1})
+        took = loop.time() - started
+    assert status == 504
+    assert body["message"] == "The input was sent, but agentapi did not answer."
+    assert "may have been typed" in body["detail"]
+    assert "within 0.5s" in body["detail"]
+    assert calls == 1
+    assert 0.5 <= took <= 0.5 + ANSWER_MARGIN_S
+
+
+async def test_a_connection_dropped_after_the_request_is_504(env: Env) -> None:
+    """agentapi drops the connection after reading the POST: sent, outcome unknown (504),
+    not 'unreachable'."""
+    async def drop(request: web.Request) -> web.StreamResponse | None:
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.Event().wait()
+        return None
+
+    env.agent.message_hook = drop
+    status, body = await env.send({"input": "hello"})
+    assert status == 504
+    assert "the connection dropped" in body["detail"]
+
+
+@pytest.mark.parametrize("version", ["v0.10", "v0.12-pty"])
+async def test_phase1_failure_is_typed_but_not_submitted_and_never_retried(
+    short_dir: Path, version: Version,
+) -> None:
+    """agentapi's 'failed to wait for screen to stabilize' (v0.10, released v0.12.1) is a 502
+    that says the text was typed but not submitted and that resending types it twice; the
+    relay types it exactly once."""
+    async with FakeAgentAPI(version=version, chunk_delay_s=0.01, stable_after_s=0.05) as agent:
+        agent.stabilize_timeout_s = 0.05
+        async with relay_env(agent, short_dir) as env:
+            status, body = await env.send({"input": "run the tests"})
+    assert status == 502
+    assert body["message"] == ("The input was typed into the agent's input box but not "
+                               "submitted.")
+    assert "failed to wait for screen to stabilize" in body["detail"]
+    assert "would type it a second time" in body["detail"]
+    assert agent.typed == ["run the tests"]
+
+
+# -- versions and ACP (issue 9 part 3) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_user_input_is_delivered_once_by_every_version(
+    short_dir: Path, version: Version,
+) -> None:
+    """Each agentapi version gets a user input exactly once, with a 204."""
+    async with FakeAgentAPI(version=version, chunk_delay_s=0.01, stable_after_s=0.05) as agent, \
+            relay_env(agent, short_dir) as env:
+        assert await env.send({"input": "hello"}) == (204, None)
+    assert agent.typed == ["hello"]
+
+
+async def test_raw_input_under_acp_is_refused_with_409_saying_why(short_dir: Path) -> None:
+    """Under ACP a raw input would be a whole prompt, not keystrokes: 409, nothing sent."""
+    async with FakeAgentAPI(version="v0.12-acp") as agent, relay_env(agent, short_dir) as env:
+        status, body = await env.send({"input": "\x1b", "type": "raw"})
+    assert status == 409
+    assert body["message"] == "Raw input is refused: this agentapi uses the ACP transport."
+    assert "whole prompt, not as keystrokes" in body["detail"]
+    assert agent.received == []
+
+
+async def test_an_acp_send_waits_for_the_whole_turn_not_the_pty_bound(short_dir: Path) -> None:
+    """Under ACP the POST lasts the whole turn: it is bounded by acp_turn_timeout_s, so a
+    turn longer than send_timeout_s is still a 204."""
+    agent = FakeAgentAPI(version="v0.12-acp", chunks=6, chunk_delay_s=0.1)
+    async with agent, relay_env(agent, short_dir, send_timeout_s=0.2,
+                                acp_turn_timeout_s=30) as env:
+        assert await env.send({"input": "long turn"}) == (204, None)
+        _, body = await env.get("/status")
+    assert agent.typed == ["long turn"]
+    assert body["relay"]["send_timeout_s"] == 30
+
+
+async def test_an_acp_turn_past_acp_turn_timeout_is_504(short_dir: Path) -> None:
+    """An ACP turn that outlasts acp_turn_timeout_s is 'sent, outcome unknown' (504)."""
+    agent = FakeAgentAPI(version="v0.12-acp", chunks=50, chunk_delay_s=0.1)
+    async with agent, relay_env(agent, short_dir, acp_turn_timeout_s=0.3) as env:
+        status, body = await env.send({"input": "endless"})
+    assert status == 504
+    assert "within 0.3s" in body["detail"]
+
+
+async def test_status_reports_the_bound_a_client_must_wait(env: Env) -> None:
+    """/status gives send_wait_s, the send timeout (send_timeout_s over a PTY,
+    acp_turn_timeout_s under ACP, the larger while the transport is unknown) and the answer
+    margin."""
+    state = env.relay.agentapi.state
+    await until(lambda: state.transport == "pty")  # the follower's /status probe
+    _, body = await env.get("/status")
+    assert body["relay"]["send_wait_s"] == 5
+    assert body["relay"]["send_timeout_s"] == 60
+    assert body["relay"]["answer_margin_s"] == ANSWER_MARGIN_S
+    state.transport = "acp"
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
+    state.transport = None  # not known yet: a client must wait for the larger bound
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
+    assert (await env.send({"input": "x"}))[0] == 204  # the relay asks /status itself
+    assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 60
+
+
+# -- reply (issue 11) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_reply_is_exactly_the_agents_answer(short_dir: Path, version: Version) -> None:
+    """With reply, the answer is 200 with the agent's message(s) after the delivered user
+    message, once the agent is stable again: exactly the stand-in's reply."""
+    agent = FakeAgentAPI(version=version, chunks=4, chunk_delay_s=0.02, stable_after_s=0.1)
+    async with agent, relay_env(agent, short_dir) as env:
+        agent.add_message("user", "an earlier question")
+        agent.add_message("agent", "an earlier answer")
+        await until(lambda: env.conv.count == len(agent.messages), wake=env.conv.changed.wait)
+        status, body = await env.send({"input": " what is 2+2? ", "reply": True})
+        assert env.conv.status == "stable"
+    assert status == 200
+    [user] = [m for m in agent.messages if m.content == "what is 2+2?"]
+    replies = [m.rest() for m in agent.messages if m.id > user.id]
+    assert len(replies) == 1
+    assert replies[0]["content"] == echo_reply("what is 2+2?")
+    assert body == {"messages": [{k: replies[0][k] for k in ("id", "role", "content", "time")}]}
+
+
+async def test_a_reply_that_does_not_finish_in_time_is_504(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """If the agent is not stable again within the send timeout, the answer is 504 saying the
+    input was delivered and must not be resent."""
+    agent.stable_after_s = 30
+    async with relay_env(agent, short_dir, send_timeout_s=0.5) as env:
+        status, body = await env.send({"input": "think hard", "reply": True})
+    assert status == 504
+    assert body["message"] == ("The input was delivered, but the agent's reply did not "
+                               "finish in time.")
+    assert "do not resend" in body["detail"]
+    assert agent.typed == ["think hard"]
+
+
+def test_reply_to_takes_the_messages_after_the_delivered_input_up_to_the_next() -> None:
+    """reply_to picks the delivered user message by its text among the new ones, and
+    returns what follows it up to the next user message."""
+    def m(id_: int, role: str, text: str) -> Message:
+        return Message(id_, role, text, "2026-01-01T00:00:00Z")
+
+    messages = [m(0, "agent", "hi"), m(1, "user", "old"), m(2, "agent", "old answer"),
+                m(3, "user", "other client"), m(4, "agent", "to the other"),
+                m(5, "user", "mine"), m(6, "agent", "part 1"), m(7, "agent", "part 2"),
+                m(8, "user", "later")]
+    assert [x.id for x in reply_to(messages, 3, "mine")] == [6, 7]
+    assert [x.id for x in reply_to(messages, 3, "not there")] == [4]
+    assert reply_to(messages, 9, "mine") == []
+
+
+# -- bad input is a 400, whatever it is (issue 15 item 12) --------------------------------
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"[" * 100_000 + b"]" * 100_000, "The request body is nested too deeply."),
+    (b'{"input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+     "The request body is nested too deeply."),
+    (b'{"input": "x", "wait_s": ' + b"9" * 400 + b"}",
+     "Field 'wait_s' must be a number from 0 to 3600."),
+    (b'{"input": "x", "wait_s": -' + b"9" * 400 + b"}",
+     "Field 'wait_s' must be a number from 0 to 3600."),
+    (b'{"input": "x", "wait_s": ' + b"9" * 5000 + b"}", "The request body is not valid JSON."),
+    (b'{"input": "x", "wait_s": 1e999}', "Field 'wait_s' must be a number from 0 to 3600."),
+    (b'{"input": "x", "wait_s": NaN}', "The request body is not valid JSON."),
+    (b'{"input": "x", "wait_s": Infinity}', "The request body is not valid JSON."),
+    (b'{"input": "\\ud800"}', "Field 'input' must be valid Unicode text."),
+    (b'{"input": "\xff\xfe"}', "The request body is not valid JSON."),
+    (b'{"input": "x", "reply": "yes"}', "Field 'reply' must be true or false."),
+    (b'{"input": "x", "type": "raw", "reply": true}',
+     "Field 'reply' is only for \"user\" input."),
+    (b'{"input": "x", "type": ' + b"[" * 500 + b"]" * 500 + b"}",
+     "Field 'type' must be \"user\" or \"raw\"."),
+    (b'{"' + b"k" * 100_000 + b'": 1}', "Unknown field '" + "k" * 56 + "...."),
+])
+async def test_any_malformed_body_is_a_400_never_a_500(
+    env: Env, raw: bytes, message: str,
+) -> None:
+    """Deep nesting, huge or non-finite numbers, bad text and wrong types in any field are a
+    400 with a short detail that names the valid form, never a 500."""
+    status, answer = await env.send(None, raw=raw)
+    assert status == 400
+    assert answer["message"] == message
+    assert len(answer["detail"]) <= 400
+    assert env.agent.received == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                  max_size=3),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["input", "type", "wait_s", "reply", "x"]),
+                            json_values, max_size=5))
+def test_parse_send_answers_any_json_object_without_raising(body: dict[str, Any]) -> None:
+    """Any JSON object is either a valid input or a 400, never an exception."""
+    raw = json.dumps(body).encode()
+    parsed = parse_send(raw, 30.0)
+    assert isinstance(parsed, Input) or parsed.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_parse_send_answers_any_bytes_without_raising(raw: bytes) -> None:
+    """Any bytes at all are either a valid input or a 400, never an exception."""
+    parsed = parse_send(raw, 30.0)
+    assert isinstance(parsed, Input) or parsed.status == 400
+
+
+async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(
+    short_dir: Path,
+) -> None:
+    """While an ACP turn holds agentapi's lock, its /status does not answer, so the relay
+    cannot tell the transport: raw keystrokes are not sent blindly (503, 'not sent')."""
+    agent = FakeAgentAPI(version="v0.12-acp", chunks=100, chunk_delay_s=0.1)
+    async with agent, relay_env(agent, short_dir) as env, aiohttp.ClientSession() as direct:
+        turn = asyncio.create_task(direct.post(agent.url + "/message",
+                                               json={"content": "from the web UI",
+                                                     "type": "user"}))
+        await until(lambda: env.conv.status == "running", wake=env.conv.changed.wait)
+        # As for a follower that connected mid-turn: its own /status probe still waits.
+        env.relay.agentapi.state.transport = None
+        status, body = await env.send({"input": "\x1b", "type": "raw", "wait_s": 0.3})
+        turn.cancel()
+        await asyncio.gather(turn, return_exceptions=True)
+    assert status == 503
+    assert "did not say which transport it uses within 0.3s" in body["detail"]
+    assert agent.received == [("user", "from the web UI")]

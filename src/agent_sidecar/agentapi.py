@@ -21,7 +21,7 @@ agent type (FollowState); status_change keeps agent_type current. Under ACP:
   and every poll rebuild the model anyway.
 
 What agentapi sends is bounded (issue 15): response bodies by a cap after decompression
-(bodies.py; /messages by `max_response_bytes`), SSE events by `max_event_bytes`, and
+(bodies.py; /messages by `max_agentapi_response_bytes`), SSE events by `max_event_bytes`, and
 redirects are followed only within agentapi's own origin (issue 10): agentapi's API paths
 never redirect (only `/` does, to its chat UI), so a redirect elsewhere is refused and
 named, never followed to another host.
@@ -34,14 +34,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from agent_sidecar import logs
-from agent_sidecar.aio import Backoff
+from agent_sidecar.aio import Backoff, Pulse
 from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_decoded, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import MAX_ID, Conversation, Message, Status, make_message
@@ -50,8 +50,13 @@ from agent_sidecar.sse import Decoder, Event, Oversized
 log = logs.get("agentapi")
 
 HEALTHY_CONNECTION_S = 60.0  # a stream that lived this long resets the reconnect back-off
+# A followed stream that lived this long is retried at once when it ends; a shorter one
+# backs off, so an agentapi that drops every stream at once cannot make us spin.
+QUICK_RECONNECT_AFTER_S = 1.0
 EVENTS_RETRY_S = 60.0  # while polling, how often to try /events again
 NOT_STABLE = "agent is waiting for user input"  # the text of agentapi's "not stable" 500
+# The released phase 1 failure (v0.10 - v0.12.1): the text was typed, Enter was not sent.
+TYPED_NOT_SUBMITTED = "failed to wait for screen to stabilize"
 STATUS_BODY_BYTES = 64 * 1024  # /status is about 150 bytes
 ERROR_BODY_BYTES = 64 * 1024  # an error body is only shown, cut to 500 characters
 MAX_REDIRECTS = 3  # same-origin hops followed; agentapi's API paths never redirect
@@ -73,7 +78,8 @@ class AgentAPIError(Exception):
 
 
 class AgentAPIUnavailable(Exception):
-    """agentapi could not be reached."""
+    """agentapi could not be reached. From `send()`: the request was never written, so
+    nothing was typed and sending again is safe."""
 
 
 class AgentAPIBusy(AgentAPIUnavailable):
@@ -82,7 +88,19 @@ class AgentAPIBusy(AgentAPIUnavailable):
 
 
 class NotStable(AgentAPIError):
-    """agentapi refused a user message because the agent is not waiting for input."""
+    """agentapi refused a user message because the agent is not waiting for input; nothing
+    was typed."""
+
+
+class TypedNotSubmitted(AgentAPIError):
+    """agentapi typed the text into the agent's input box, then failed before submitting it
+    (`failed to wait for screen to stabilize`, field-notes.md §3). Sending again would type
+    it a second time."""
+
+
+class SendUnconfirmed(Exception):
+    """The request was written, but no answer came: it timed out or the connection dropped.
+    The input may have been typed, or even submitted; sending again blindly may repeat it."""
 
 
 class BadMessage(ValueError):
@@ -98,6 +116,9 @@ class FollowState:
     last_error: str | None = None
     transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
+    # Notified once per disappearance of agentapi: a stream it had been following ended,
+    # and the next connect failed. The uploader then writes the last word (uploader.py).
+    gone: Pulse = field(default_factory=Pulse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +342,8 @@ class AgentAPI:
         A message coderd could not take is dropped with a warning; one whose time is
         unusable is kept with the time it was read (see conversation.go_time).
         """
-        data = await self._get_json("/messages", self.settings.max_response_bytes,
-                                   "max_response_bytes")
+        data = await self._get_json("/messages", self.settings.max_agentapi_response_bytes,
+                                   "max_agentapi_response_bytes")
         raw = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(raw, list):
             raise AgentAPIError("GET /messages answered without a messages list")
@@ -355,23 +376,63 @@ class AgentAPI:
         """GET /status: "running", "stable", or None for a value this client does not know."""
         return (await self.status_info()).status
 
-    async def send(self, content: str, kind: str) -> None:
-        """POST /message, bounded by send_timeout_s. Raises NotStable, AgentAPIError or
-        AgentAPIUnavailable."""
+    async def send(self, content: str, kind: str, *, timeout_s: float | None = None,
+                   connect_timeout_s: float | None = None) -> None:
+        """POST /message, on a connection of its own, telling "never sent" from "sent".
+
+        Connecting is bounded by `connect_timeout_s` (default agentapi_timeout_s); once the
+        request is written, waiting for the answer is bounded by `timeout_s` (default
+        send_timeout_s). Raises AgentAPIUnavailable (never written: nothing was typed),
+        NotStable or TypedNotSubmitted or AgentAPIError (agentapi answered and refused), or
+        SendUnconfirmed (written, no answer). Never retries. A fresh connection per POST
+        means the request never rides a kept-alive connection that agentapi has closed.
+        """
+        settings = self.settings
+        timeout_s = settings.send_timeout_s if timeout_s is None else timeout_s
+        connect_s = settings.agentapi_timeout_s if connect_timeout_s is None else connect_timeout_s
+        loop = asyncio.get_running_loop()
+        written = False
+        bound: asyncio.Timeout | None = None
+
+        async def on_written(*_: object) -> None:
+            nonlocal written
+            written = True
+            if bound is not None:  # from now on, the answer's bound
+                bound.reschedule(loop.time() + timeout_s)
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(on_written)
         try:
-            async with self._session.post(
-                self._url("/message"),
-                json={"content": content, "type": kind},
-                timeout=aiohttp.ClientTimeout(total=self.settings.send_timeout_s),
-            ) as resp:
-                body = await resp.read()
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True), trace_configs=[trace],
+                    timeout=aiohttp.ClientTimeout(total=None)) as session,
+                asyncio.timeout(connect_s) as bound,
+                session.post(self._url("/message"), json={"content": content, "type": kind},
+                             allow_redirects=False, auto_decompress=False,
+                             headers=IDENTITY) as resp,
+            ):
                 if resp.status == 200:
                     return
-                detail = problem_detail(body)
-                cls = NotStable if NOT_STABLE in detail else AgentAPIError
-                raise cls(f"agentapi refused the input ({resp.status})", resp.status, detail)
+                try:
+                    body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
+                except (aiohttp.ClientError, OSError, BodyError):
+                    body = b""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {exc!r}") from exc
+            if written:
+                why = (f"no answer within {timeout_s:g}s" if isinstance(exc, TimeoutError)
+                       else f"the connection dropped: {type(exc).__name__}")
+                raise SendUnconfirmed(why) from exc
+            why = (f"connecting timed out after {connect_s:g}s"
+                   if isinstance(exc, TimeoutError) else repr(exc))
+            raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {why}") from exc
+        detail = problem_detail(body)
+        cls: type[AgentAPIError] = AgentAPIError
+        if NOT_STABLE in detail:
+            cls = NotStable
+        elif TYPED_NOT_SUBMITTED in detail:
+            cls = TypedNotSubmitted
+        raise cls(f"agentapi refused the input ({resp.status})", resp.status, detail)
 
     # -- following ---------------------------------------------------------------------
 
@@ -380,6 +441,7 @@ class AgentAPI:
     ) -> None:
         """Keep `conversation` in step with agentapi until cancelled. Never returns."""
         backoff = Backoff()
+        lost = False  # a followed stream ended; the next failed connect means agentapi is gone
         while True:
             started = clock()
             try:
@@ -394,12 +456,22 @@ class AgentAPI:
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError,
                     AgentAPIUnavailable) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+                if lost and not conversation.connected:  # the connect after it failed
+                    self.state.gone.notify()
+            lived = clock() - started
+            lost = conversation.connected
             conversation.set_connected(False)
             self.state.last_error = reason
-            if clock() - started >= HEALTHY_CONNECTION_S:
+            if lived >= HEALTHY_CONNECTION_S:
                 backoff.reset()
-            delay = backoff.next_delay(self.settings.reconnect_initial_s,
-                                       self.settings.reconnect_max_s)
+            if lost and lived >= QUICK_RECONNECT_AFTER_S:
+                # A stream that ends is normal (agentapi drops slow readers), and so is
+                # agentapi stopping at workspace stop: try again at once, so that a vanished
+                # agentapi is noticed (state.gone) while the stop script's upload is fresh.
+                delay = 0.0
+            else:
+                delay = backoff.next_delay(self.settings.reconnect_initial_s,
+                                           self.settings.reconnect_max_s)
             self.state.reconnects += 1
             self._on_event("reconnect")
             log.warning("agentapi_disconnected", error=reason, retry_in_s=round(delay, 2))

@@ -35,9 +35,10 @@ EXIT_INTERRUPTED = 130
 # `send`'s exit codes, from the relay's answer (README: "The relay API").
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
 EXIT_UNKNOWN = 4  # 504, or no answer: sent, outcome unknown; do not resend blindly
-EXIT_UNREACHABLE = 5  # 503, or no connection: never sent
+EXIT_UNREACHABLE = 5  # 503, 408 or no connection: never sent
 _SEND_EXITS = {204: EXIT_OK, 200: EXIT_OK, 400: EXIT_CONFIG, 413: EXIT_CONFIG,
-               409: EXIT_BUSY, 502: EXIT_FAILURE, 503: EXIT_UNREACHABLE, 504: EXIT_UNKNOWN}
+               409: EXIT_BUSY, 502: EXIT_FAILURE, 503: EXIT_UNREACHABLE, 504: EXIT_UNKNOWN,
+               408: EXIT_UNREACHABLE}
 # What `send` assumes of a daemon whose GET /status does not say (relay.send_wait_s,
 # relay.send_timeout_s), and how much longer than the relay's own bound it waits.
 DEFAULT_SEND_WAIT_S = 30.0
@@ -67,7 +68,7 @@ exit codes:
   4    sent, outcome unknown (504, or no answer in time): the input may have been typed;
        do not resend it blindly
   5    never sent: the sidecar cannot be reached (or its socket is served by another
-       user), or it cannot reach agentapi (503)
+       user), it cannot reach agentapi (503), or the request was too slow to arrive (408)
   130  interrupted
 """
 
@@ -487,14 +488,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     a, u = data.get("agentapi", {}), data.get("uploads", {})
+    coderd = (data.get("coderd") or {}).get("version")
     uploads = (f"{u.get('state')}, last success {u.get('last_success_at') or 'never'}, "
                f"{u.get('consecutive_failures')} failures in a row"
+               + (f", coderd {coderd}" if coderd else "")
                if u.get("enabled") else f"off ({u.get('disabled_reason')})")
+    kind = ", ".join(str(a[k]) for k in ("agent_type", "transport") if a.get(k))
     lines = [
         f"agent-sidecar {data.get('version')}, up {data.get('uptime_s', 0):.0f}s"
         + (", shutting down" if data.get("shutting_down") else ""),
-        f"agentapi  {a.get('url')}: {'connected' if a.get('connected') else 'NOT connected'}, "
-        f"agent {a.get('agent_status')}, {a.get('messages')} messages",
+        f"agentapi  {a.get('url')}: {'connected' if a.get('connected') else 'NOT connected'}"
+        + (f" ({kind})" if kind else "")
+        + f", agent {a.get('agent_status')}, {a.get('messages')} messages",
         f"uploads   {uploads}",
         f"relay     {data.get('relay', {}).get('socket')}, "
         f"{data.get('relay', {}).get('queue_length', 0)} waiting",
@@ -527,18 +532,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent_sidecar import config, logs
-    from agent_sidecar.config import Settings
+    from agent_sidecar.config import ConfigError, Settings
+    from agent_sidecar.pipeline import StartupError, check
 
     loaded = _load(args)
-    try:  # run's own check of the socket's directory, so that ExecStartPre= catches it too
-        paths.ensure_private_dir(str(loaded.settings.socket), create=False)
-    except paths.UnsafeDirectory as exc:
-        print(f"agent-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
-        print(f"agent-sidecar: socket directory: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    try:  # run's own checks, so that ExecStartPre= catches what would stop `run`
+        asyncio.run(check(loaded.settings))
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
     rows = []
     for name in Settings.model_fields:
         value = getattr(loaded.settings, name)

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -58,6 +65,27 @@ def from_env(name: str) -> tuple[str, str] | None:
         if value:
             return env, value
     return None
+
+
+# What a valid agent token looks like, for error messages (a description, not a secret).
+TOKEN_FORM = "printable ASCII, like the UUID the Coder agent provides; whitespace around it is ignored"  # noqa: E501, S105
+
+
+def normalise_token(raw: str) -> str:
+    """The agent token as it goes into a header: surrounding whitespace stripped. Raises
+    ValueError, naming the valid form and never the value, when it is empty or holds a
+    character an HTTP header cannot carry (a control character such as CR or LF, or
+    anything outside ASCII). The environment's token and the file's go through this."""
+    token = raw.strip()
+    if not token:
+        raise ValueError(f"is empty; expected {TOKEN_FORM}")
+    for char in token:
+        if not " " <= char <= "~" and char != "\t":
+            what = "a control character" if char < " " or char == "\x7f" else (
+                "a character outside ASCII")
+            raise ValueError(f"holds {what} (U+{ord(char):04X}) that an HTTP header cannot "
+                             f"carry; expected {TOKEN_FORM}")
+    return token
 
 
 def _http_url(value: str, example: str) -> str:
@@ -192,7 +220,7 @@ class Settings(BaseSettings):
         32 * 1024 * 1024, ge=65536,
         description="larger SSE events (or lines) from agentapi are dropped as they arrive",
     )
-    max_response_bytes: int = Field(
+    max_agentapi_response_bytes: int = Field(
         32 * 1024 * 1024, ge=65536,
         description="cap on one agentapi response body (GET /messages), decompressed",
     )
@@ -208,10 +236,58 @@ class Settings(BaseSettings):
         60, gt=0, le=3600,
         description="bound on one agentapi POST /message once it is written",
     )
+    acp_turn_timeout_s: float = Field(
+        3600, gt=0, le=86400,
+        description="under agentapi's ACP transport, where POST /message lasts the whole "
+        "turn, the bound on it instead of send_timeout_s",
+    )
+    relay_max_connections: int = Field(
+        256, ge=1, le=65536,
+        description="relay connections open at once; at the cap the longest idle one is "
+        "closed for a new one",
+    )
+    relay_header_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="a relay request's headers must be complete this long after its first byte",
+    )
+    relay_body_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="a relay request's body must be complete this long after its headers",
+    )
+    relay_idle_timeout_s: float = Field(
+        30, gt=0, le=3600,
+        description="a relay connection with no request for this long is closed",
+    )
     metrics_addr: str | None = Field(
         None,
         description="also serve /metrics over TCP at HOST:PORT; unset means socket only",
     )
+    unhealthy_after_s: float | None = Field(
+        None, gt=0, le=86400,
+        description="/healthz turns unhealthy once the oldest change coderd has not stored "
+        "is older than this (uploads failing); unset: 2 x max_staleness_s + retry_max_s",
+    )
+    reupload_settle_s: float = Field(
+        0.5, ge=0, le=60,
+        description="after agentapi goes away, upload once more this much later, so the "
+        "sidecar's snapshot overwrites the one the module's stop script just wrote",
+    )
+    reupload_min_interval_s: float = Field(
+        30, ge=0, le=3600,
+        description="at most one upload after agentapi went away per this many seconds",
+    )
+    max_coderd_response_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024,
+        description="read at most this much of a response from coderd (or a front), "
+        "decompressed; the rest is not read",
+    )
+    max_token_file_bytes: int = Field(
+        65536, ge=64, le=16 * 1024 * 1024,
+        description="a token file larger than this is refused unread",
+    )
+
+    # Where each value came from (flag, env, file, default), as config.load() found it.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -228,6 +304,26 @@ class Settings(BaseSettings):
     @classmethod
     def _check_agentapi_url(cls, value: str) -> str:
         return _http_url(value, "http://localhost:3284")
+
+    @field_validator("coder_token")
+    @classmethod
+    def _check_coder_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        return SecretStr(normalise_token(value.get_secret_value()))
+
+    @model_validator(mode="after")
+    def _derive_unhealthy_after(self) -> Settings:
+        if self.unhealthy_after_s is None:
+            # Two missed staleness deadlines plus one full retry back-off: a healthy
+            # uploader never leaves a change unstored that long (80 s at the defaults).
+            derived = 2 * self.max_staleness_s + self.retry_max_s
+            object.__setattr__(self, "unhealthy_after_s", derived)  # frozen: set once here
+        return self
+
+    def origin(self, name: str) -> str:
+        """Where the value of `name` came from: "env X", "flag --x", "file F", "default"."""
+        return self._origins.get(name, "default")
 
     @field_validator("coder_url")
     @classmethod
@@ -308,6 +404,8 @@ def _describe(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if field == "task_id":
         message = "must be a UUID, like 0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
+    if "expected" in message:  # the message names the valid form itself
+        return f"invalid {field} (from {where}): {message}"
     return f"invalid {field} (from {where}): {message}; expected: {form}"
 
 
@@ -336,4 +434,5 @@ def load(flags: Mapping[str, Any] | None = None, *, config_file: Path | None = N
         raise ConfigError("\n".join(_describe(err, origins) for err in exc.errors())) from None
     finally:
         _file_values.reset(token)
+    settings._origins = dict(origins)
     return Loaded(settings=settings, origins=origins, config_file=config_file)

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, first_of
+from agent_sidecar.coder import plain_http_warning
 from agent_sidecar.config import Settings
 from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
@@ -131,6 +132,9 @@ class _Run:
         ]
         if p.tokens is not None:
             self.helpers.append(task("token_watch", p.tokens.watch))
+        if p.coder is not None:
+            # Read once, for /status and for the words of the Tasks hint; never decides.
+            self.helpers.append(task("buildinfo", self._read_buildinfo))
 
     async def shutdown(self) -> int:
         """Steps 1-4 of the module docstring. Returns the exit code."""
@@ -251,10 +255,16 @@ class _Run:
             last = line
             await first_of(conv.wait_changed(versions[0]), uploads.wait(versions[1]))
 
+    async def _read_buildinfo(self) -> None:
+        if self.pipeline.coder is not None:
+            await self.pipeline.coder.read_buildinfo()
+
     async def _reloader(self) -> None:
         while True:
             await self.controls.reload.wait()
             self.controls.reload.clear()
+            if self.pipeline.tokens is not None:
+                await self.pipeline.tokens.reload()
             if self.reload_settings is None:
                 self.pipeline.reload(self.pipeline.settings)
                 continue
@@ -275,6 +285,13 @@ def _log_uploads(pipeline: Pipeline) -> None:
             sink=str(pipeline.sink.path) if pipeline.sink else None)
     elif pipeline.coder is not None:
         log.info("uploads_enabled", url=redact_url(str(pipeline.coder.url)))
+        log_plain_http(pipeline.settings)
+
+
+def log_plain_http(settings: Settings) -> None:
+    """Warn, once at start-up, when the token would cross the network in clear."""
+    if settings.coder_url is not None and (warning := plain_http_warning(settings.coder_url)):
+        log.warning("coder_url_plain_http", detail=warning)
 
 
 async def _serve_metrics(pipeline: Pipeline) -> web.AppRunner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     Info,
@@ -20,6 +21,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+# Upload states, as /status, STATUS= and the metrics show them (see uploader.py).
+UPLOAD_STATES = ("idle", "ok", "retrying", "payload_rejected", "too_large", "redirected",
+                 "token_rejected", "task_not_found", "tasks_unavailable")
+
+
 class Metrics:
     """Every metric the sidecar exports, on a registry of its own. Raises nothing."""
 
@@ -31,6 +37,11 @@ class Metrics:
         self.uploads = Counter(
             "agent_sidecar_uploads", "Snapshot upload attempts by result.", ["result"],
             registry=r,
+        )
+        self.upload_state = Enum(
+            "agent_sidecar_upload_state", "The uploads' state, as /status shows it "
+            "(tasks_unavailable: this Coder does not serve Tasks).",
+            states=list(UPLOAD_STATES), registry=r,
         )
         self.upload_retries = Counter(
             "agent_sidecar_upload_retries", "Upload attempts that were retries.", registry=r

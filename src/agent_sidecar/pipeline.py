@@ -16,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
-from agent_sidecar import __version__, logs
+from agent_sidecar import __version__, logs, paths
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
+from agent_sidecar.proxy import Proxies, ProxyError
 from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import Health, Relay
 from agent_sidecar.sink import Sink
@@ -45,7 +47,11 @@ LIVE_SETTINGS = frozenset({
     "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
     "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
     "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
-    "max_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+    "max_agentapi_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
+    "acp_turn_timeout_s", "relay_max_connections", "relay_header_timeout_s",
+    "relay_body_timeout_s", "relay_idle_timeout_s",
+    "unhealthy_after_s", "reupload_settle_s", "reupload_min_interval_s",
+    "max_coderd_response_bytes", "max_token_file_bytes",
 })
 # Settings of the process, not of the pipeline: the program that owns logging applies them
 # (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging.
@@ -68,10 +74,12 @@ class Reloaded:
 class Pipeline:
     """Every component, built once from `settings`; see the module docstring.
 
-    Construct it inside a running event loop (it opens two aiohttp sessions) and close it
-    with `aclose()` or `async with`. Raises StartupError when the token file cannot be read.
-    It starts no task and binds no socket: `serve()` does both. `on_snapshot(packed, how)`
-    is called after each snapshot coderd (or, without Coder, the sink) accepted.
+    Construct it inside a running event loop (it opens two aiohttp sessions) and enter it
+    with `async with` (which reads the token file, off the event loop) or close it with
+    `aclose()`. Raises StartupError when the proxy for coderd cannot be used (at
+    construction) or the token file cannot be used (on entering). It starts no task and
+    binds no socket: `serve()` does both. `on_snapshot(packed, how)` is called after each
+    snapshot coderd (or, without Coder, the sink) accepted.
     """
 
     def __init__(self, settings: Settings, *,
@@ -82,19 +90,22 @@ class Pipeline:
         # A snapshot never holds more characters than coderd's byte limit.
         self.conversation = Conversation(CODERD_MAX_BODY_BYTES)
         self.metrics.sse_connected.set_function(lambda: float(self.conversation.connected))
-        self.tokens = _token_source(settings)
+        self.tokens = TokenSource(settings) if settings.uploads_disabled_reason is None else None
+        self.proxies = coder_proxies(settings, os.environ)
         self.sink = Sink(settings.sink_dir, settings.sink_name) if settings.sink_dir else None
         # Two sessions: agentapi's long-lived stream must never hold up an upload.
         self.agent_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.agentapi_timeout_s))
         self.coder_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upload_timeout_s))
+        # agentapi is local: its session never uses a proxy (trust_env stays off).
         self.agentapi = AgentAPI(self.agent_http, settings,
                                  on_event=self.metrics.on_follow_event)
-        self.coder = (CoderClient(self.coder_http, settings, self.tokens)
+        self.coder = (CoderClient(self.coder_http, settings, self.tokens, proxies=self.proxies)
                       if self.tokens is not None else None)
         self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
-                                 self.metrics, on_packed=on_snapshot)
+                                 self.metrics, agentapi_gone=self.agentapi.state.gone,
+                                 on_packed=on_snapshot)
         # What serve() runs, by name, so that /livez can tell a task that stopped.
         self.running: dict[str, asyncio.Task[None]] = {}
         self.relay = Relay(self.agentapi, self.conversation, self.metrics, settings,
@@ -105,6 +116,12 @@ class Pipeline:
         await self.coder_http.close()
 
     async def __aenter__(self) -> Pipeline:
+        if self.tokens is not None:
+            try:
+                await self.tokens.load()
+            except TokenError as exc:
+                await self.aclose()
+                raise StartupError(str(exc)) from None
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -119,6 +136,7 @@ class Pipeline:
         last = (datetime.fromtimestamp(up.last_success_unix, UTC).isoformat()
                 if up.last_success_unix else None)
         follow = self.agentapi.state
+        age = up.oldest_unstored_age_s
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -143,7 +161,12 @@ class Pipeline:
                 "last_outcome": up.last_outcome,
                 "consecutive_failures": up.consecutive_failures,
                 "attempts": up.attempts,
+                "reuploads": up.reuploads,
                 "cap_bytes": up.cap,
+                "oldest_unstored_age_s": None if age is None else round(age, 3),
+            },
+            "coderd": {
+                "version": self.coder.coderd_version if self.coder else None,
             },
             "sink": {
                 "path": str(self.sink.path) if self.sink else None,
@@ -151,8 +174,9 @@ class Pipeline:
             },
             "relay": {
                 "socket": str(self.settings.socket),
-                "send_wait_s": self.settings.send_wait_s,
-                "send_timeout_s": self.settings.send_timeout_s,
+                # send_wait_s, send_timeout_s (acp_turn_timeout_s under ACP), answer_margin_s,
+                # queue_length, connections, max_connections
+                **self.relay.status_fields(),
             },
         }
 
@@ -191,10 +215,9 @@ class Pipeline:
     def reload(self, new: Settings) -> Reloaded:
         """Apply the live settings of `new` to every component; keep the others as they are.
 
-        Also re-reads the token file. Logs and returns what was done with each change.
+        Logs and returns what was done with each change. The token file is re-read by
+        `tokens.reload()`, which the daemon awaits before this.
         """
-        if self.tokens is not None:
-            self.tokens.reload()
         old = self.settings
         changed = [n for n in Settings.model_fields if getattr(new, n) != getattr(old, n)]
         applied = sorted(n for n in changed if n in LIVE_SETTINGS)
@@ -205,6 +228,8 @@ class Pipeline:
         self.agentapi.settings = effective
         if self.coder is not None:
             self.coder.settings = effective
+        if self.tokens is not None:
+            self.tokens.settings = effective
         self.uploader.reconfigure(effective)
         self.relay.settings = effective
         log.info("config_reloaded", applied=applied, need_restart=need_restart,
@@ -212,11 +237,37 @@ class Pipeline:
         return Reloaded(applied, need_restart, for_process)
 
 
-def _token_source(settings: Settings) -> TokenSource | None:
-    if settings.uploads_disabled_reason is not None:
-        return None
-    token = settings.coder_token.get_secret_value() if settings.coder_token else None
+def coder_proxies(settings: Settings, environ: Mapping[str, str]) -> Proxies:
+    """The proxies coderd requests use. Raises StartupError when the proxy the environment
+    names for the Coder URL (or its https form, which a redirect may move to) is one this
+    client cannot use, such as SOCKS."""
+    proxies = Proxies.from_environ(environ)
+    if settings.coder_url is not None and settings.uploads_disabled_reason is None:
+        url = URL(settings.coder_url)
+        try:
+            proxies.for_url(url)
+            if url.scheme == "http":
+                proxies.for_url(url.with_scheme("https"))
+        except ProxyError as exc:
+            raise StartupError(f"proxy for coderd: {exc}") from None
+    return proxies
+
+
+async def check(settings: Settings) -> None:
+    """Every start-up check of `run` that needs no socket bound and no peer up: the proxy
+    for coderd, the token file's readability and validity, and the socket directory.
+    `agent-sidecar config` runs it. Raises StartupError."""
+    coder_proxies(settings, os.environ)
+    if settings.uploads_disabled_reason is None:
+        try:
+            await TokenSource(settings).load()
+        except TokenError as exc:
+            raise StartupError(str(exc)) from None
+    # The socket directory's owner, mode and symlink checks, as `run` makes them; "socket
+    # in use" stays a `run`-only check, so that `config` works next to a running daemon.
     try:
-        return TokenSource(token, settings.coder_token_file)
-    except TokenError as exc:
+        paths.ensure_private_dir(str(settings.socket), create=False)
+    except paths.UnsafeDirectory as exc:
         raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"socket directory: {exc.strerror or exc}") from None

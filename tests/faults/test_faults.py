@@ -11,6 +11,8 @@ import os
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -329,3 +331,72 @@ async def test_memory_is_bounded_by_the_snapshot_not_the_history(
         assert len(agent.messages) > 10_000
     print(f"peak RSS: {after_1mb} KiB after 1 MB, {after_100mb} KiB after 100 MB")
     assert after_100mb - after_1mb <= 10 * 1024, (after_1mb, after_100mb)
+
+
+def low_fd_limit() -> None:
+    """In the child: 128 descriptors, so that 2 000 connections run it out (EMFILE)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_idle(path: str, count: int) -> list[socket.socket]:
+    """`count` connections that never send a byte. Blocking connects (on a thread): a Unix
+    socket connect waits while the listen backlog is full, up to SO_SNDTIMEO."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+        sock.connect(path)
+        held.append(sock)
+    return held
+
+
+async def test_2000_idle_connections_and_slowloris_at_the_fd_limit(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path,
+) -> None:
+    """With 128 descriptors, 2 000 idle relay connections and a slowloris client cause no
+    accept-error storm: the log and the CPU stay small, /healthz answers, the slow headers
+    are cut off, and uploads keep flowing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    env = env_for(short_dir, coderd, AGENT_SIDECAR_SETTLE_S="0",
+                  AGENT_SIDECAR_RELAY_HEADER_TIMEOUT_S="1")
+    async with sidecar(agent, env, preexec=low_fd_limit) as process:
+        assert process.proc is not None
+        agent.add_message("user", "before the flood")
+        await converged(coderd, agent)
+        lines_before, cpu_before = len(process.raw), cpu_seconds(process.proc.pid)
+        held = await asyncio.to_thread(open_idle, env["AGENT_SIDECAR_SOCKET"], 2000)
+        try:
+            agent.add_message("user", "during the flood")
+            await converged(coderd, agent)
+            assert (await process.get("/healthz"))[0] == 200
+
+            loop = asyncio.get_running_loop()
+            slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            slow.setblocking(False)
+            await loop.sock_connect(slow, env["AGENT_SIDECAR_SOCKET"])
+            started = loop.time()
+            with contextlib.suppress(OSError):  # until the relay closes it
+                await loop.sock_sendall(slow, b"POST /send HTTP/1.1\r\n")
+                while loop.time() - started < 10:
+                    await loop.sock_sendall(slow, b"X")
+                    await asyncio.sleep(0.1)  # the attacker's pace
+            cut_after = loop.time() - started
+            slow.close()
+        finally:
+            for sock in held:
+                sock.close()
+        cpu = cpu_seconds(process.proc.pid) - cpu_before
+        new_lines = process.raw[lines_before:]
+    print(f"cpu {cpu:.2f}s, {len(new_lines)} log lines, slowloris cut after {cut_after:.2f}s")
+    assert cut_after < 3
+    assert process.events("relay_accept_failed"), "the scenario did not reach EMFILE"
+    assert cpu < 10
+    assert len(new_lines) < 100, new_lines[-5:]
+    assert not [line for line in process.lines[lines_before:] if line["event"] == "<not json>"]
