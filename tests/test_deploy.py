@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from standins import FakeAgentAPI, FakeCoderd
 
+from agent_sidecar.config import Settings
 from agent_sidecar.sdnotify import Notifier
 
 from .conftest import Datagrams
@@ -220,13 +221,145 @@ def test_systemd_unit_matches_the_daemon() -> None:
 
 
 def test_dockerfile_essentials() -> None:
-    """Multi-stage, non-root, tini as PID 1 in exec form, SIGTERM, and a health check."""
+    """Multi-stage from one base given as a build argument, non-root, tini as PID 1 in exec
+    form, SIGTERM, and a health check."""
     text = (ROOT / "Dockerfile").read_text()
-    assert len(re.findall(r"^FROM python:3\.12-slim", text, re.M)) == 2
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.12-slim$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     assert re.search(r"^USER 10001", text, re.M)
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "agent-sidecar"]' in text
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
     assert 'CMD ["agent-sidecar", "check"]' in text
+
+
+def test_dockerfile_installs_into_venvs() -> None:
+    """Every pip runs from a venv, so the build works on Debian's own python3, which refuses
+    a system-wide install (PEP 668), as well as on the official python image."""
+    text = (ROOT / "Dockerfile").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    pips = re.findall(r"(\S*pip) (?:install|wheel)\b", code)
+    assert pips == ["/build/bin/pip", "/opt/agent-sidecar/bin/pip"]
+    assert "python3 -m venv /build" in text
+    assert "python3 -m venv /opt/agent-sidecar" in text
+    assert re.search(r"^ENV PATH=/opt/agent-sidecar/bin:\$PATH", text, re.M)
+
+
+def test_dockerfile_user_has_a_group_of_its_own() -> None:
+    """The image's group is created first, with gid 10001: `useradd --system --user-group`
+    picks a free system gid (999), and `USER 10001:10001` would then run with a gid that has
+    no group entry."""
+    text = (ROOT / "Dockerfile").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    group = code.index("groupadd --gid 10001 sidecar")
+    user = code.index("useradd --uid 10001 --gid 10001 ")
+    assert group < user
+    assert "--user-group" not in code
+    assert re.search(r"^USER 10001:10001$", code, re.M)
+
+
+def test_systemd_unit_has_no_restart_loop_on_bad_config() -> None:
+    """A bad configuration is refused by `run` itself (exit 2, which RestartPreventExitStatus
+    covers), not by an ExecStartPre= check, which systemd would restart in a loop."""
+    u = unit()
+    assert "ExecStartPre" not in u
+    assert u["ExecStart"] == ["/usr/local/bin/agent-sidecar run"]
+    assert u["RestartPreventExitStatus"] == ["2"]
+
+
+def test_systemd_unit_enables_faulthandler() -> None:
+    """A watchdog kill (SIGABRT) leaves a Python traceback: PYTHONFAULTHANDLER=1."""
+    assert "PYTHONFAULTHANDLER=1" in unit()["Environment"]
+
+
+def readme_block_after(marker: str) -> list[str]:
+    """The lines of the first ```sh block after `marker` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(marker + "\n", 1)[1]
+    assert after.startswith("```sh\n")
+    return after.removeprefix("```sh\n").split("\n```\n", 1)[0].splitlines()
+
+
+def test_readme_debian12_install_is_what_the_engine_test_runs() -> None:
+    """The README installs into a venv under /opt (Debian 12 refuses a system-wide pip
+    install, PEP 668), links the command where the unit runs it, and deploy/test/run.sh runs
+    exactly that block, found by its marker."""
+    script = (ROOT / "deploy" / "test" / "run.sh").read_text()
+    marker = re.search(r"^README_MARKER='(.+)'$", script, re.M)
+    assert marker is not None
+    block = readme_block_after(marker.group(1))
+    assert block[0] == "apt-get update && apt-get install -y python3-venv"
+    assert block[1] == "python3 -m venv /opt/agent-sidecar"
+    pip = [line for line in block if " install " in line and "pip" in line]
+    assert len(pip) == 1
+    assert pip[0].startswith("/opt/agent-sidecar/bin/pip install agent-sidecar ")
+    assert block[-1] == "ln -sf /opt/agent-sidecar/bin/agent-sidecar /usr/local/bin/agent-sidecar"
+    assert unit()["ExecStart"][0].startswith("/usr/local/bin/agent-sidecar ")
+
+
+def test_readme_says_the_token_file_must_be_readable_by_the_user() -> None:
+    """The systemd section says a token file must be readable by the unit's User=."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### As a systemd service", 1)[1].split("\n### ", 1)[0]
+    assert "**A token file must be readable by that user**" in section
+    assert "Set `User=` in the unit to the workspace user" in section
+
+
+def test_compose_socket_volume_is_the_services_own() -> None:
+    """Both services mount the socket volume with nocopy, so Docker does not copy an image's
+    /run/agent-sidecar owner (10001) and mode onto it, and the tmpfs belongs to the uid both
+    run as, mode 0700."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    opts = compose["volumes"]["agent-sidecar-run"]["driver_opts"]
+    for service in compose["services"].values():
+        uid, gid = service["user"].split(":")
+        assert f"uid={uid},gid={gid},mode=0700" == opts["o"]
+        [mount] = service["volumes"]
+        assert mount == {"type": "volume", "source": "agent-sidecar-run",
+                         "target": "/run/agent-sidecar", "volume": {"nocopy": True}}
+
+
+def test_probes_split_liveness_from_readiness() -> None:
+    """The pod's liveness probe asks only whether the daemon lives (`check --live`); the
+    readiness probe and Docker's HEALTHCHECK run `check`, which includes agentapi."""
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
+    sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "agent-sidecar")
+    assert sidecar["livenessProbe"]["exec"]["command"] == ["agent-sidecar", "check", "--live"]
+    assert sidecar["readinessProbe"]["exec"]["command"] == ["agent-sidecar", "check"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.findall(r'CMD \["agent-sidecar", "check"[^\]]*\]', dockerfile) == [
+        'CMD ["agent-sidecar", "check"]']
+
+
+def test_stop_timeouts_leave_room_for_the_final_upload() -> None:
+    """Compose's stop_grace_period and the pod's grace period exceed shutdown_timeout_s, and
+    the README tells Docker users about --stop-timeout (Docker's default, 10 s, is close)."""
+    budget = Settings.model_fields["shutdown_timeout_s"].default
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    grace = compose["services"]["agent-sidecar"]["stop_grace_period"]
+    assert float(grace.removesuffix("s")) >= budget + 5
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes-pod.yaml").read_text())
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= budget + 5
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### As a container sidecar", 1)[1].split("\n## ", 1)[0]
+    assert "`docker run --stop-timeout 15`" in section
+    assert "`stop_grace_period: 15s`" in section
+
+
+def test_engine_test_without_privileges_is_a_notice_or_a_ci_failure() -> None:
+    """deploy/test/run.sh without root prints a NOTICE line and exits 0, but fails under
+    CI=true, before it touches anything."""
+    script = ROOT / "deploy" / "test" / "run.sh"
+    drop = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            if os.geteuid() == 0 else [])
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    local = subprocess.run([*drop, "bash", str(script)], capture_output=True, text=True,
+                           env=env, timeout=30, check=False, cwd="/")
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.startswith("NOTICE: real-engine deployment test skipped: not root")
+    ci = subprocess.run([*drop, "bash", str(script)], capture_output=True, text=True,
+                        env={**env, "CI": "true"}, timeout=30, check=False, cwd="/")
+    assert ci.returncode == 1
+    assert "CI=true requires it" in ci.stderr
 
 
 def test_deploy_examples_share_the_socket() -> None:
