@@ -270,7 +270,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="print the effective settings and their sources",
                          description="Print every setting, its value and where it came from. "
-                         "Exit 2 if the configuration is invalid (usable as ExecStartPre=).",
+                         "Exit 2 if the configuration is invalid: it runs every check `run` "
+                         "runs but \"socket in use\", so it can vet a configuration next to "
+                         "a running daemon.",
                          formatter_class=_Wrapping)
     cfg.add_argument("--json", action="store_true", help="print JSON")
     settings_flags(cfg)
@@ -539,7 +541,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from agent_sidecar.pipeline import StartupError, check
 
     loaded = _load(args)
-    try:  # run's own checks, so that ExecStartPre= catches what would stop `run`
+    try:  # run's own checks, so that `config` refuses what `run` would refuse
         asyncio.run(check(loaded.settings))
     except StartupError as exc:
         raise ConfigError(str(exc)) from None
