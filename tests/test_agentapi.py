@@ -541,3 +541,21 @@ async def test_a_vanished_agentapi_is_noticed_at_once_after_a_followed_stream(
                if json.loads(line)["event"] == "agentapi_disconnected"]
     assert retries[0] == 0
     assert retries[1] > 0
+
+
+async def test_an_unreachable_agentapi_is_named_by_the_os_reason_not_a_repr(
+    agent: FakeAgentAPI,
+) -> None:
+    """agentapi gone: the error says where and why (`Connection refused`), not aiohttp's
+    repr with its connection key."""
+    settings = make_settings(agentapi_url=agent.url)
+    await agent.stop()
+    async with aiohttp.ClientSession() as session:
+        client = AgentAPI(session, settings)
+        with pytest.raises(AgentAPIUnavailable) as err:
+            await client.status()
+        with pytest.raises(AgentAPIUnavailable) as sent:
+            await client.send("hello", "user", timeout_s=1, connect_timeout_s=1)
+    for exc in (err.value, sent.value):
+        assert f"cannot connect to 127.0.0.1:{agent.port}: Connection refused" in str(exc)
+        assert "ConnectionKey" not in str(exc)

@@ -271,6 +271,16 @@ async def test_timeout_bounds_the_whole_send(stub: StubRelay, reply: bool) -> No
     assert stub.sent[0]["wait_s"] <= 0.5  # a busy agent would have had its 409 in time
 
 
+async def test_a_timeout_too_small_to_connect_is_exit_5_not_a_traceback(
+    stub: StubRelay,
+) -> None:
+    """A --timeout that runs out before the connect (1e-9 s) is "never sent", exit 5."""
+    run = await cli_run(*send(stub, "--timeout", "1e-9", "x"))
+    assert run.code == 5, run.err
+    assert "Traceback" not in run.err
+    assert stub.sent == []
+
+
 async def test_timeout_while_status_hangs_sends_nothing(stub: StubRelay) -> None:
     """A daemon that does not answer GET /status within --timeout gets no input: exit 5."""
     stub.hang_status = True

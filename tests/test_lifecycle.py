@@ -118,11 +118,12 @@ async def test_a_reload_reports_exactly_the_settings_it_applied(
             "upload_timeout_s": 0.2, "reconnect_max_s": 3.0, "max_event_bytes": 1 << 20,
             "poll_interval_s": 2.0, "send_wait_s": 7.0, "socket": short_dir / "other.sock",
             "agentapi_url": "http://127.0.0.1:1", "log_level": "debug",
+            "log_format": "console",
         })
         result = pipeline.reload(new)
         assert result.applied == ["max_event_bytes", "poll_interval_s", "reconnect_max_s",
                                   "send_wait_s", "upload_timeout_s"]
-        assert result.need_restart == ["agentapi_url", "socket"]
+        assert result.need_restart == ["agentapi_url", "log_format", "socket"]
         assert result.for_process == ["log_level"]
         for component in (pipeline.agentapi, pipeline.coder, pipeline.uploader,
                           pipeline.relay):
@@ -136,6 +137,31 @@ async def test_a_reload_reports_exactly_the_settings_it_applied(
         outcome = await pipeline.coder.upload(b'{"messages":[]}')
         assert time.monotonic() - started < 2
         assert outcome.message == "timed out after 0.2s"
+
+
+async def test_a_reloaded_max_event_bytes_applies_to_the_open_stream(
+    agent: FakeAgentAPI, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """Lowering max_event_bytes by a reload drops the next larger event on the stream that
+    is already open, not only after a reconnect."""
+    settings = settings_for(agent, None, short_dir)
+    smaller = settings.model_copy(update={"max_event_bytes": 65536})
+    controls = Controls()
+    served = asyncio.create_task(serve(settings, controls, reload_settings=lambda: smaller))
+    try:
+        async with asyncio.timeout(10):
+            await controls.ready.wait()
+        controls.reload.set()
+        await until(lambda: "config_reloaded" in log_output.getvalue())
+        agent.add_message("agent", "x" * 100_000)
+        await until(lambda: "agentapi_event_too_large" in log_output.getvalue())
+        assert agent.subscribers == 1  # the same stream: no reconnect was needed
+        controls.shutdown.set()
+        assert await served == 0
+    finally:
+        if not served.done():
+            served.cancel()
+        await asyncio.gather(served, return_exceptions=True)
 
 
 def test_every_live_setting_is_read_at_use_time_by_some_component() -> None:

@@ -813,3 +813,29 @@ async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(
     assert status == 503
     assert "did not say which transport it uses within 0.3s" in body["detail"]
     assert agent.received == [("user", "from the web UI")]
+
+
+async def test_a_reply_over_polling_sees_a_turn_too_short_to_be_seen_running(
+    short_dir: Path,
+) -> None:
+    """Polling an agentapi without /events can miss the `running` of a short turn; the
+    reply still ends once the agent is stable with its answer after the input."""
+    agent = FakeAgentAPI(events=False, chunks=1, chunk_delay_s=0.01, stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, poll_interval_s=1.0,
+                                send_timeout_s=5) as env:
+        status, body = await env.send({"input": "quick one", "reply": True})
+    assert status == 200, body
+    assert [m["content"] for m in body["messages"]] == [echo_reply("quick one")]
+
+
+@pytest.mark.parametrize("version", ["v0.10", "v0.11"])
+async def test_a_version_that_names_no_transport_is_bounded_as_a_pty(
+    short_dir: Path, version: Version,
+) -> None:
+    """v0.10 and v0.11 have no ACP: once the follower has read their /status, the relay's
+    bound (in /status) is send_timeout_s before any send, not the ACP turn bound."""
+    agent = FakeAgentAPI(version=version)
+    async with agent, relay_env(agent, short_dir, send_timeout_s=60,
+                                acp_turn_timeout_s=3600) as env:
+        await until(lambda: env.relay.agentapi.state.status_read)
+        assert env.relay.status_fields()["send_timeout_s"] == 60

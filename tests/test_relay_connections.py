@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from standins import FakeAgentAPI
 
+from agent_sidecar import relay_server
 from agent_sidecar.unix_socket import hung_up
 
 from .conftest import until
@@ -203,11 +204,12 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room(
             client.close()
 
 
-async def test_when_every_connection_is_busy_a_new_one_gets_503(
+async def test_when_every_connection_is_busy_sends_get_503_and_probes_still_answer(
     agent: FakeAgentAPI, short_dir: Path,
 ) -> None:
-    """When all relay_max_connections connections are serving requests, a new connection is
-    answered 503 at once, and the waiting requests are untouched."""
+    """When all relay_max_connections connections are serving requests, a new connection
+    may still read (/livez, /healthz: a liveness probe must not fail because senders wait
+    on a busy agent) but a send on it is answered 503; the waiting requests are untouched."""
     async with relay_env(agent, short_dir, relay_max_connections=2) as env:
         await env.http.close()
         await synced_running(env)
@@ -215,12 +217,43 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503(
         for i, client in enumerate(busy):
             await client.write(send_bytes({"input": f"waiting {i}"}))
         await until(lambda: env.relay.waiting == 1)
-        with await RawClient.connect(env.socket) as extra:
-            answer = await extra.answer(timeout_s=2)
+        with await RawClient.connect(env.socket) as probe:
+            await probe.write(request_bytes("GET", "/livez"))
+            assert (await probe.answer(timeout_s=2)).status == 200
+        with await RawClient.connect(env.socket) as sender:
+            await sender.write(send_bytes({"input": "one too many"}))
+            answer = await sender.answer(timeout_s=2)
         assert answer.status == 503
         assert answer.json()["message"] == "The relay has too many connections."
         env.agent.set_status("stable")
         assert (await busy[0].answer()).status == 204
+        for client in busy:
+            client.close()
+
+
+async def test_past_the_probe_reserve_a_client_that_writes_late_still_reads_its_503(
+    agent: FakeAgentAPI, short_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every connection busy and no reserve left, a new connection is answered 503 at
+    once, and a client that writes its request only then still reads that answer rather
+    than a reset connection."""
+    monkeypatch.setattr(relay_server, "PROBE_RESERVE", 0)
+    async with relay_env(agent, short_dir, relay_max_connections=2) as env:
+        await env.http.close()
+        await synced_running(env)
+        busy = [await RawClient.connect(env.socket) for _ in range(2)]
+        for i, client in enumerate(busy):
+            await client.write(send_bytes({"input": f"waiting {i}"}))
+        await until(lambda: env.relay.waiting == 1)
+        registry = env.relay.metrics.registry
+        with await RawClient.connect(env.socket) as extra:
+            # The relay has refused it before the client writes: the write must still land.
+            await until(lambda: registry.get_sample_value(
+                "agent_sidecar_relay_requests_total", {"path": "other", "code": "503"}) == 1)
+            await extra.write(send_bytes({"input": "x" * 100_000}))
+            answer = await extra.answer(timeout_s=2)
+        assert answer.status == 503
+        assert answer.json()["message"] == "The relay has too many connections."
         for client in busy:
             client.close()
 
@@ -301,3 +334,32 @@ async def test_an_unexpected_exception_in_a_handler_is_one_line_and_the_relay_se
               if '"relay_handler_failed"' in line]
     assert line["error"] == "RuntimeError"
     assert (await env.get("/healthz"))[0] == 200
+
+
+async def test_an_input_delivered_after_its_client_left_is_logged_as_delivered(
+    env: Env, log_output: io.StringIO,
+) -> None:
+    """A client that closes right after writing, while its input is being posted, leaves
+    a log line saying the input was delivered, not that it was dropped."""
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_ok(request: Any) -> None:
+        entered.set()
+        await release.wait()  # agentapi takes a moment; the client is gone meanwhile
+        return
+
+    env.agent.message_hook = slow_ok
+    with await RawClient.connect(env.socket) as client:
+        await client.write(send_bytes({"input": "fire and forget"}))
+        async with asyncio.timeout(5):
+            await entered.wait()
+        [conn] = list(env.relay.server._connections)
+    async with asyncio.timeout(5):
+        await conn.gone.wait()  # the relay has seen the hang-up before agentapi answers
+    release.set()
+    await until(lambda: "relay_sender_gone" in log_output.getvalue(), timeout_s=5)
+    lines = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    [gone] = [line for line in lines if line["event"] == "relay_sender_gone"]
+    assert env.users() == ["fire and forget"]
+    assert gone["delivered"] is True

@@ -113,3 +113,16 @@ async def test_typed_but_not_submitted_exits_1_and_says_so(short_dir: Path) -> N
     assert run.code == 1, run.err
     assert "typed" in run.err
     assert agent.typed == ["hello"]
+
+
+async def test_timeout_with_a_busy_agent_exits_3_not_4(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """`send --timeout` against an agent that stays busy gets the relay's "busy" answer
+    within the timeout: exit 3 (nothing sent), not exit 4 (outcome unknown)."""
+    settings = settings_for(agent, None, short_dir)
+    async with serving(settings):
+        agent.set_status("running")
+        run = await cli_run("send", "--timeout", "1", "hello", env=env_for(settings))
+    assert run.code == 3, run.err
+    assert agent.received == []

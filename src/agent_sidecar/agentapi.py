@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from agent_sidecar import logs
+from agent_sidecar import logs, neterrors
 from agent_sidecar.aio import Backoff, Pulse
 from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_decoded, read_capped
 from agent_sidecar.config import Settings
@@ -116,6 +116,7 @@ class FollowState:
     last_error: str | None = None
     transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
+    status_read: bool = False  # a /status answer was read: a None transport is then a "no"
     # Notified once per disappearance of agentapi: a stream it had been following ended,
     # and the next connect failed. The uploader then writes the last word (uploader.py).
     gone: Pulse = field(default_factory=Pulse)
@@ -283,7 +284,8 @@ class AgentAPI:
                     f"{wait_s:g}s") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise AgentAPIUnavailable(
-                    f"agentapi at {self.url} is unreachable: {exc!r}") from exc
+                    f"agentapi at {self.url} is unreachable: {neterrors.describe(exc)}"
+                ) from exc
             if resp.status not in REDIRECTS:
                 return resp
             resp.release()
@@ -330,7 +332,8 @@ class AgentAPI:
                 raise AgentAPIError(f"GET {path}: {exc}") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise AgentAPIUnavailable(
-                    f"agentapi at {self.url} cut the body of GET {path}: {exc!r}") from exc
+                    f"agentapi at {self.url} cut the body of GET {path}: "
+                    f"{neterrors.describe(exc)}") from exc
         try:
             return _loads(body)
         except ValueError as exc:
@@ -421,10 +424,10 @@ class AgentAPI:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if written:
                 why = (f"no answer within {timeout_s:g}s" if isinstance(exc, TimeoutError)
-                       else f"the connection dropped: {type(exc).__name__}")
+                       else f"the connection dropped: {neterrors.describe(exc)}")
                 raise SendUnconfirmed(why) from exc
             why = (f"connecting timed out after {connect_s:g}s"
-                   if isinstance(exc, TimeoutError) else repr(exc))
+                   if isinstance(exc, TimeoutError) else neterrors.describe(exc))
             raise AgentAPIUnavailable(f"agentapi at {self.url} is unreachable: {why}") from exc
         detail = problem_detail(body)
         cls: type[AgentAPIError] = AgentAPIError
@@ -508,6 +511,7 @@ class AgentAPI:
             log.info("agentapi_version", transport=info.transport, agent_type=info.agent_type)
         self.state.transport = info.transport
         self.state.agent_type = info.agent_type
+        self.state.status_read = True
 
     async def _poll(self, conversation: Conversation, clock: Callable[[], float]) -> None:
         """Follow by polling /status then /messages (an agentapi without /events) for
@@ -567,6 +571,8 @@ class _Following:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def feed(self, chunk: bytes) -> None:
+        # A live setting: a reload applies to the stream already open.
+        self.decoder.max_event_bytes = self.client.settings.max_event_bytes
         for event in self.decoder.feed(chunk):
             self._apply(event)
 

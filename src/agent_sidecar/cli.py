@@ -445,14 +445,16 @@ def _cmd_send(args: argparse.Namespace) -> int:
             if remaining <= 0:
                 raise client.Unreachable(f"--timeout {args.timeout:g}s ran out before the "
                                          "input was sent")
-            wait_s = min(wait_s, remaining)  # a busy agent then gets its 409 in time
+            # The relay answers 409 at wait_s; leave room for that answer to reach us, so a
+            # busy agent reads as "busy, nothing sent" (3), not "outcome unknown" (4).
+            wait_s = min(wait_s, max(0.0, remaining - min(SEND_MARGIN_S, remaining / 2)))
         body: dict[str, Any] = {"input": text, "type": "raw" if args.raw else "user",
                                 "wait_s": wait_s}
         if args.reply:
             body["reply"] = True
-        # The relay answers within wait_s + send_timeout_s; a reply takes as long as the
-        # agent's turn, which only --timeout bounds.
-        bound = None if args.reply else send_bound(wait_s, send_timeout_s)
+        # The relay answers within wait_s + send_timeout_s, a reply included (it gives up on
+        # a reply send_timeout_s after the POST).
+        bound = send_bound(wait_s, send_timeout_s)
         if remaining is not None:
             bound = remaining if bound is None else min(bound, remaining)
         with client.Connection(path, bound) as conn:

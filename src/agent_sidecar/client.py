@@ -107,6 +107,8 @@ class Connection:
 
     def __init__(self, path: str, timeout_s: float | None) -> None:
         self.path = path
+        if timeout_s is not None and timeout_s <= 0:
+            raise Unreachable(f"no time was left to reach the sidecar at {path}")
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._timeout_s = timeout_s
         self._http = _UnixHTTPConnection(path, timeout_s)

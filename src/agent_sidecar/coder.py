@@ -38,7 +38,7 @@ from datetime import UTC
 import aiohttp
 from yarl import URL
 
-from agent_sidecar import logs
+from agent_sidecar import logs, neterrors
 from agent_sidecar.bodies import IDENTITY, UnsupportedEncoding, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.proxy import Proxies, ProxyError, is_loopback, shown
@@ -362,7 +362,8 @@ class CoderClient:
             assert proxy is not None
             return Outcome(Result.RETRY, message=(
                 f"network error: the proxy {shown(proxy)} (from "
-                f"{self.proxies.variable_for(url)}) is unreachable: {_reason(exc)}"))
+                f"{self.proxies.variable_for(url)}) is unreachable: "
+                f"{neterrors.os_reason(exc)}"))
         except aiohttp.ClientHttpProxyError as exc:
             where = shown(proxy) if proxy else "the proxy"
             return Outcome(Result.RETRY, message=(
@@ -373,7 +374,7 @@ class CoderClient:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             via = f" (through the proxy {shown(proxy)})" if proxy else ""
             return Outcome(Result.RETRY,
-                           message=f"network error{via}: {type(exc).__name__}: {exc}")
+                           message=f"network error{via}: {neterrors.describe(exc)}")
 
     def classify(self, status: int, body: bytes, headers: Mapping[str, str] | None = None,
                  note: str | None = None) -> Outcome:
@@ -446,7 +447,3 @@ class CoderClient:
         log.info("coderd_version", version=version)
         return version
 
-
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    error = exc.os_error
-    return error.strerror or str(error) if isinstance(error, OSError) else str(exc)

@@ -42,7 +42,6 @@ from agent_sidecar.uploader import Uploader
 log = logs.get("pipeline")
 
 # Settings that take effect while running: every component reads them at each use.
-# max_event_bytes applies from the next agentapi connection.
 LIVE_SETTINGS = frozenset({
     "max_snapshot_bytes", "settle_s", "max_staleness_s", "shutdown_timeout_s",
     "upload_timeout_s", "retry_initial_s", "retry_max_s", "rejected_backoff_s",
@@ -54,8 +53,9 @@ LIVE_SETTINGS = frozenset({
     "max_coderd_response_bytes", "max_token_file_bytes",
 })
 # Settings of the process, not of the pipeline: the program that owns logging applies them
-# (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging.
-PROCESS_SETTINGS = frozenset({"log_level", "log_format"})
+# (main() sets log_level on SIGHUP); serve() never reconfigures process-wide logging. The
+# log format is fixed at start: changing it needs a restart.
+PROCESS_SETTINGS = frozenset({"log_level"})
 
 
 class StartupError(Exception):
@@ -232,8 +232,10 @@ class Pipeline:
             self.tokens.settings = effective
         self.uploader.reconfigure(effective)
         self.relay.settings = effective
-        log.info("config_reloaded", applied=applied, need_restart=need_restart,
-                 for_process=for_process)
+        # A change that is not in effect is worth a warning: it shows at every log level.
+        say = log.warning if need_restart else log.info
+        say("config_reloaded", applied=applied, need_restart=need_restart,
+            for_process=for_process)
         return Reloaded(applied, need_restart, for_process)
 
 

@@ -45,7 +45,7 @@ from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.error_shape import error
 from agent_sidecar.metrics import CONTENT_TYPE, Metrics
 from agent_sidecar.relay_connection import BodyCutShort, Connection
-from agent_sidecar.relay_server import RelayServer
+from agent_sidecar.relay_server import FULL_MESSAGE, RelayServer, full_detail
 from agent_sidecar.send_input import Input, parse_send
 from agent_sidecar.unix_socket import RelayError, bind_unix, peer_uid
 
@@ -124,6 +124,9 @@ class Relay:
         self._wire = asyncio.Lock()  # one POST /message at a time
         self.waiting = 0  # user inputs queued behind the one being served
         self.raw_waiting = 0  # raw inputs waiting for a POST in flight to finish
+        # Inputs (by id) that reached agentapi after their client hung up: a shielded POST
+        # outlives the cancelled handler, so only this says what became of them.
+        self._delivered: set[int] = set()
         self.closing = False
         self._closed = asyncio.Event()
         self._probed: tuple[int, str] | None = None  # (follower reconnects, transport)
@@ -212,6 +215,8 @@ class Relay:
             return error(503, "The sidecar is shutting down.", "retry against its successor")
         body_timeout_s = self.settings.relay_body_timeout_s
         conn = request.protocol
+        if isinstance(conn, Connection) and conn.probe_only:
+            return error(503, FULL_MESSAGE, full_detail(self.server.max_connections()))
         if isinstance(conn, Connection):
             conn.cut_short(request)
         try:
@@ -236,10 +241,10 @@ class Relay:
             work.cancel()
             await asyncio.wait([work])
             log.info("relay_sender_gone", type=parsed.kind,
-                     delivered=not work.cancelled() and work.exception() is None
-                     and work.result().status < 300)
+                     delivered=id(parsed) in self._delivered)
             return web.Response(status=CLIENT_GONE)
         finally:
+            self._delivered.discard(id(parsed))
             if not work.done():
                 work.cancel()
 
@@ -316,7 +321,7 @@ class Relay:
                 timeout_s = (self.settings.acp_turn_timeout_s if acp
                              else self.settings.send_timeout_s)
                 before = self.conversation.count
-                turn = (asyncio.ensure_future(self._turn_over())
+                turn = (asyncio.ensure_future(self._turn_over(before))
                         if inp.reply and not acp else None)
                 try:
                     await self._acquire(self._wire, wait_until)
@@ -383,7 +388,8 @@ class Relay:
         except asyncio.CancelledError:
             await asyncio.wait([send])
             if not send.cancelled() and send.exception() is None:
-                log.info("relay_delivered_after_hangup", type=inp.kind)
+                self._delivered.add(id(inp))  # for _send's log line: the client left, but
+                log.info("relay_delivered_after_hangup", type=inp.kind)  # agentapi has it
             raise
         return answer_by
 
@@ -413,6 +419,8 @@ class Relay:
         state = self.agentapi.state
         if state.transport is not None:
             return state.transport
+        if state.status_read:
+            return "pty"  # before v0.12 agentapi says nothing: those versions have no ACP
         if self._probed is not None and self._probed[0] == state.reconnects:
             return self._probed[1]
         return None
@@ -425,18 +433,26 @@ class Relay:
 
     # -- reply ---------------------------------------------------------------------------
 
-    async def _turn_over(self) -> None:
-        """Until the agent has been seen running, then stable again: the turn after a send
-        over a PTY. Started before the POST, so that no status change is missed."""
+    async def _turn_over(self, before: int) -> None:
+        """Until the turn after a send over a PTY is over: the agent was seen running, then
+        stable again; or, when polling is too slow to see it run, it is stable with a reply
+        after the input (agentapi is `running` until its screen has been still for 2 s, so
+        stable with a reply means the reply is whole). Started before the POST, so that no
+        status change is missed; `before` is the message count before it."""
         conv = self.conversation
         running = False
         while True:
             version = conv.version
             if conv.connected and conv.status == "running":
                 running = True
-            elif running and conv.connected and conv.status == "stable":
+            elif conv.connected and conv.status == "stable" and (
+                    running or self._replied_after(before)):
                 return
             await conv.wait_changed(version)
+
+    def _replied_after(self, before: int) -> bool:
+        messages = self.conversation.messages()
+        return bool(messages) and messages[-1].role == "agent" and messages[-1].id > before
 
     async def _reply(self, inp: Input, before: int, turn: asyncio.Future[None] | None,
                      answer_by: float, timeout_s: float) -> web.Response:

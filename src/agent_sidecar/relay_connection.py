@@ -98,7 +98,7 @@ class Connection(RequestHandler):
     request task is cancelled when the connection is lost or closed.
     """
 
-    __slots__ = ("_fd", "_header_timer", "_owner", "_read_eof", "gone")
+    __slots__ = ("_fd", "_header_timer", "_owner", "_read_eof", "gone", "probe_only")
 
     def __init__(self, manager: web.Server, owner: ConnectionOwner) -> None:
         settings = owner.settings
@@ -112,6 +112,9 @@ class Connection(RequestHandler):
             lingering_time=settings.relay_body_timeout_s)
         self._owner = owner
         self.gone = asyncio.Event()
+        # Admitted over the connection cap, in the reserve kept for probes: it may read
+        # (/status, /healthz, /livez, /metrics) but not send input.
+        self.probe_only = False
         self._fd = -1
         self._read_eof = False
         self._header_timer: asyncio.TimerHandle | None = None

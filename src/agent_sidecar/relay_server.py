@@ -1,7 +1,9 @@
 """The relay's listening side: the private socket, the accept loop and the open connections.
 
 Limits. Connections are capped (`relay_max_connections`); at the cap the oldest idle one is
-closed for a new one, and when every one is busy the new one is answered 503. Idle
+closed for a new one. When every one is busy, PROBE_RESERVE more are admitted for reading
+only, so that a liveness probe still gets its answer while every connection waits on a busy
+agent (their `POST /send` is answered 503); beyond that the new one is answered 503. Idle
 connections and slow headers and bodies are timed out (relay_connection.py). The accept
 loop backs off instead of spinning when the process runs out of descriptors, and from then
 on keeps the cap below the number of connections it had, for the rest of the daemon.
@@ -37,6 +39,18 @@ MIN_CONNECTIONS = 4
 ACCEPT_RETRY_INITIAL_S = 0.05
 ACCEPT_RETRY_MAX_S = 2.0
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Connections admitted beyond the cap for GET requests only: the probes must never be the
+# ones refused because senders fill the relay (a liveness probe would restart the daemon).
+PROBE_RESERVE = 8
+# A refused connection is closed this long after its 503, so that a client which wrote its
+# request first still reads the answer (closing with its bytes unread would reset it).
+REFUSED_LINGER_S = 1.0
+MAX_LINGERING = 64
+FULL_MESSAGE = "The relay has too many connections."
+
+
+def full_detail(cap: int) -> str:
+    return f"{cap} requests are being served (relay_max_connections); retry in a moment"
 
 
 class RelayServer:
@@ -65,6 +79,8 @@ class RelayServer:
         self._acceptor: asyncio.Task[None] | None = None
         self._connections: dict[Connection, None] = {}  # in order of arrival
         self._fd_cap: int | None = None  # learnt when accept() ran out of descriptors
+        # Refused connections waiting to be closed, with their timers; stop() closes them.
+        self._lingering: dict[socket.socket, asyncio.TimerHandle] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -90,6 +106,8 @@ class RelayServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        for conn in list(self._lingering):
+            self._close_refused(conn)
         try:
             if self._runner is not None:
                 async with asyncio.timeout(timeout_s):
@@ -165,21 +183,42 @@ class RelayServer:
         conn.setblocking(False)
         cap = self.max_connections()
         excess = len(self._connections) + 1 - cap
-        if excess > 0 and self._evict(excess) < excess:
+        probe_only = excess > 0 and self._evict(excess) < excess
+        if probe_only and len(self._connections) >= cap + PROBE_RESERVE:
             self.metrics.relay_requests.labels(path="other", code="503").inc()
             log.warning("relay_connections_full", max_connections=cap)
-            with contextlib.suppress(OSError):
-                conn.send(raw_error(503, "The relay has too many connections.",
-                                    f"{cap} requests are being served (relay_max_"
-                                    "connections); retry in a moment"))
-            conn.close()
+            self._refuse(conn, raw_error(503, FULL_MESSAGE, full_detail(cap)))
             return
         runner = self._runner
         assert runner is not None
         server = runner.server
         assert server is not None
-        await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: Connection(server, self), conn)
+
+        def connection() -> Connection:
+            made = Connection(server, self)
+            made.probe_only = probe_only
+            return made
+
+        await asyncio.get_running_loop().connect_accepted_socket(connection, conn)
+
+    def _refuse(self, conn: socket.socket, answer: bytes) -> None:
+        """Answer and close a connection that is not served, without resetting a client
+        that wrote its request first."""
+        with contextlib.suppress(OSError):
+            conn.send(answer)
+        if len(self._lingering) >= MAX_LINGERING:
+            conn.close()
+            return
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+        self._lingering[conn] = asyncio.get_running_loop().call_later(
+            REFUSED_LINGER_S, self._close_refused, conn)
+
+    def _close_refused(self, conn: socket.socket) -> None:
+        timer = self._lingering.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        conn.close()
 
     def _evict(self, count: int) -> int:
         """Close up to `count` idle connections, oldest first; how many were closed."""

@@ -39,11 +39,12 @@ class Decoder:
 
     Owns the state of one stream: the partial line and the event being assembled, at most
     about `max_event_bytes` of them together (larger events come out as `Oversized` and
-    are skipped). `feed()` raises nothing on any input; its cost is linear in the input.
+    are skipped). `max_event_bytes` may be changed between feeds. `feed()` raises nothing
+    on any input; its cost is linear in the input.
     """
 
     def __init__(self, max_event_bytes: int) -> None:
-        self._max = max_event_bytes
+        self.max_event_bytes = max_event_bytes
         self._line = bytearray()  # the line that has not ended yet
         self._line_dropped = False  # bytes of the current line were dropped (skipping)
         self._after_cr = False  # the previous chunk ended in CR: a leading LF is its pair
@@ -97,7 +98,7 @@ class Decoder:
             self._line_dropped = True
             return
         held = self._size + len(self._line) + (end - start)
-        if held > self._max:
+        if held > self.max_event_bytes:
             out.append(self._start_skip(held))
             self._line.clear()
             self._line_dropped = True
