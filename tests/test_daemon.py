@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -248,3 +250,26 @@ async def test_status_never_shows_a_url_password(
             raw = await resp.text()
     assert "hunter2secret" not in raw
     assert json.loads(raw)["agentapi"]["url"].startswith("http://**********@127.0.0.1:")
+
+
+async def test_a_late_second_sigterm_does_not_turn_a_clean_exit_into_killed(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """SIGTERM repeated while the process winds down after its shutdown (as systemd and
+    Docker may) still ends in exit 0, never 'killed by SIGTERM'."""
+    env = clean_env(AGENT_SIDECAR_SOCKET=str(short_dir / "s"))
+    async with Sidecar("--agentapi-url", agent.url, env=env) as sidecar:
+        await sidecar.wait_log("ready")
+        sidecar.signal(signal.SIGTERM)
+        await sidecar.wait_log("final_flush_done")
+        assert sidecar.proc is not None
+        for _ in range(2000):  # every millisecond until it has exited: the window is short
+            if sidecar.proc.returncode is not None:
+                break
+            # os.kill, not send_signal: Popen.send_signal polls, and reaping the child here
+            # would race asyncio's child watcher.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sidecar.proc.pid, signal.SIGTERM)
+            await asyncio.sleep(0.001)
+        code = await sidecar.wait()
+        assert code == 0, "\n".join(sidecar.raw[-6:])

@@ -328,8 +328,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         controls = Controls()
         _install_signals(controls.shutdown.set, controls.force.set, controls.reload.set)
-        return await serve(loaded.settings, controls, reload_settings=reread,
-                           notifier=Notifier())
+        try:
+            return await serve(loaded.settings, controls, reload_settings=reread,
+                               notifier=Notifier())
+        finally:
+            # The shutdown is over; a late SIGTERM (systemd's, Docker's) must not turn the
+            # exit code into "killed" while asyncio.run winds down.
+            import signal
+
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     return asyncio.run(main())
 

@@ -147,6 +147,7 @@ class _Run:
         stopping = [t for t in (self.follower, self.uploader) if t is not None]
         for t in stopping:  # 2
             t.cancel("shutdown: the model is final")
+        self.pipeline.conversation.set_connected(False)  # /status: no longer following
         if stopping:
             _, stuck = await self._absorbing_cancel(asyncio.wait(stopping, timeout=self._left()))
             if stuck:
