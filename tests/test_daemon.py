@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
-from standins import FakeAgentAPI, FakeCoderd, hanging
+from standins import FakeAgentAPI, FakeCoderd, coder_error, hanging, wait_for_file
 
 from agent_sidecar.config import Settings
 from agent_sidecar.daemon import Controls, serve
@@ -273,3 +273,35 @@ async def test_a_late_second_sigterm_does_not_turn_a_clean_exit_into_killed(
             await asyncio.sleep(0.001)
         code = await sidecar.wait()
         assert code == 0, "\n".join(sidecar.raw[-6:])
+
+
+@pytest.mark.parametrize("coderd_says", ["tasks_unavailable", "retrying", "token_rejected"])
+async def test_the_sink_keeps_the_newest_state_whatever_coderd_answers(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path, coderd_says: str,
+) -> None:
+    """With Coder and a sink, a Coder without Tasks, one that is down or one that rejects
+    the token does not stop the sink: it holds the newest conversation while running and
+    after the shutdown."""
+    sink = short_dir / "sink"
+    settings = settings_for(agent, coderd, short_dir, settle_s=0, sink_dir=sink,
+                            shutdown_timeout_s=1)
+    [task] = coderd.tasks
+    if coderd_says == "tasks_unavailable":
+        coderd.tasks_served = False
+    elif coderd_says == "retrying":
+        async def down(request: web.Request) -> web.StreamResponse:
+            return coder_error(503, "proxy says no")
+        coderd.hook = down
+    else:
+        coderd.token = "00000000-0000-4000-8000-000000000000"  # not the daemon's token
+    path = sink / f"{task}.json"
+    sink.mkdir()  # for the file watch; the sidecar would make it
+    async with serving(settings) as (controls, served):
+        agent.add_message("user", "keep me locally")
+        await wait_for_file(path, agent.packed(), 10)
+        agent.add_message("agent", "and me, the last word")
+        last = agent.packed()
+        controls.shutdown.set()
+        assert await served == 0
+    assert path.read_bytes() == last
+    assert task not in coderd.snapshots

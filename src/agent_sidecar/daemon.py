@@ -114,6 +114,7 @@ class _Run:
         self.cancelled = False  # a cancel arrived; serve() re-raises it after the shutdown
         self.follower: asyncio.Task[None] | None = None
         self.uploader: asyncio.Task[None] | None = None
+        self.mirror: asyncio.Task[None] | None = None
         self.helpers: list[asyncio.Task[None]] = []
 
     def start(self, tasks: asyncio.TaskGroup) -> None:
@@ -124,6 +125,8 @@ class _Run:
 
         self.follower = task("follower", lambda: p.agentapi.follow(p.conversation))
         self.uploader = task("uploader", p.uploader.run)
+        if p.mirror is not None:
+            self.mirror = task("sink_mirror", p.mirror.run)
         p.running.update(follower=self.follower, uploader=self.uploader)
         self.helpers = [
             task("systemd_status", self._keep_status),
@@ -144,7 +147,7 @@ class _Run:
         log.info("shutting_down", timeout_s=timeout_s)
         self.notifier.stopping()
         self.pipeline.relay.close()  # 1
-        stopping = [t for t in (self.follower, self.uploader) if t is not None]
+        stopping = [t for t in (self.follower, self.uploader, self.mirror) if t is not None]
         for t in stopping:  # 2
             t.cancel("shutdown: the model is final")
         self.pipeline.conversation.set_connected(False)  # /status: no longer following
@@ -215,6 +218,9 @@ class _Run:
         except Exception as exc:
             log.exception("final_flush_failed", error=f"{type(exc).__name__}: {exc}")
             return False
+        finally:
+            if self.pipeline.mirror is not None:
+                await self.pipeline.mirror.write()  # the sink's last word, whatever coderd's
 
     async def _supervised(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run a component until cancelled. An unexpected exception is logged, and the

@@ -34,7 +34,7 @@ from agent_sidecar.metrics import Metrics
 from agent_sidecar.proxy import Proxies, ProxyError
 from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import Health, Relay
-from agent_sidecar.sink import Sink
+from agent_sidecar.sink import Sink, SinkMirror
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
 from agent_sidecar.tokens import TokenError, TokenSource
 from agent_sidecar.uploader import Uploader
@@ -103,7 +103,12 @@ class Pipeline:
                                  on_event=self.metrics.on_follow_event)
         self.coder = (CoderClient(self.coder_http, settings, self.tokens, proxies=self.proxies)
                       if self.tokens is not None else None)
-        self.uploader = Uploader(self.conversation, settings, self.coder, self.sink,
+        # With Coder, the sink holds the newest snapshot whatever coderd answers (without
+        # Coder, the sink is the uploader's destination).
+        self.mirror = (SinkMirror(self.conversation, self.sink, settings, self.metrics)
+                       if self.sink is not None and self.coder is not None else None)
+        self.uploader = Uploader(self.conversation, settings, self.coder,
+                                 self.sink if self.coder is None else None,
                                  self.metrics, agentapi_gone=self.agentapi.state.gone,
                                  on_packed=on_snapshot)
         # What serve() runs, by name, so that /livez can tell a task that stopped.
@@ -232,6 +237,8 @@ class Pipeline:
             self.tokens.settings = effective
         self.uploader.reconfigure(effective)
         self.relay.settings = effective
+        if self.mirror is not None:
+            self.mirror.settings = effective
         # A change that is not in effect is worth a warning: it shows at every log level.
         say = log.warning if need_restart else log.info
         say("config_reloaded", applied=applied, need_restart=need_restart,

@@ -37,7 +37,8 @@ CAP_SEARCH_RESOLUTION_BYTES = 512
 
 
 class Uploader:
-    """Keeps coderd (and the sink) holding the newest snapshot of one Conversation.
+    """Keeps coderd (or, without Coder, the sink) holding the newest snapshot of one
+    Conversation.
 
     `run()` uploads as the policy in `settings` says until cancelled; an unexpected error
     inside it is logged, backed off and survived, so it raises nothing but CancelledError.
@@ -295,7 +296,6 @@ class Uploader:
                 self._grow(packed, messages)
                 self._on_packed(packed, "uploaded" if self.client else "written")
                 self._mark_synced(version, started, stored=True)
-                await self._mirror()
                 return True
             if result in (Result.PAYLOAD_REJECTED, Result.TOO_LARGE):
                 self._rejected = packed.body  # the next change is tried afresh
@@ -371,14 +371,6 @@ class Uploader:
         log.debug("snapshot_cap_probe", new_cap_bytes=self.cap)
 
     # -- delivery and bookkeeping ------------------------------------------------------
-
-    async def _mirror(self) -> None:
-        """With Coder and a sink, the sink mirrors what coderd accepted."""
-        if self.client is None or self.sink is None or self.last_accepted is None:
-            return
-        if not await self.sink.write(self.last_accepted):
-            self.metrics.sink_errors.inc()
-            log.warning("sink_write_failed", error=self.sink.error)
 
     async def _deliver(self, packed: Packed) -> Outcome:
         self.attempts += 1
