@@ -341,13 +341,17 @@ NGINX_502 = NGINX_413.replace("413 Request Entity Too Large", "502 Bad Gateway")
      "HTTP 404 (text/html): Not Found"),
     (403, "Forbidden by policy " + "x" * 500, "text/plain", Result.PAYLOAD_REJECTED,
      "HTTP 403 (text/plain): Forbidden by policy xxx"),
+    (200, "<html><title>Sign in</title></html>", "text/html", Result.RETRY,
+     "HTTP 200 (text/html): Sign in"),
+    (202, "", "", Result.RETRY, "HTTP 202 (no content type)"),
 ])
 async def test_fronts_are_classified_by_http_meaning(
     client: CoderClient, status: int, body: str, ctype: str, result: Result,
     described: str,
 ) -> None:
-    """A front's answer is read by its status first: any 413 is too large and an HTML 502
-    is retried; its body is described by status, content type and first line, cut short."""
+    """A front's answer is read by its status first: any 413 is too large, an HTML 502 is
+    retried, and a success other than coderd's 204 (a sign-in page's 200) is not "stored";
+    its body is described by status, content type and first line, cut short."""
     with aioresponses() as mock:
         mock.post(URL_, response_class=CompatResponse, status=status, body=body,
                   content_type=ctype)

@@ -13,8 +13,10 @@ import pytest
 from aiohttp import web
 from standins import FakeAgentAPI, FakeCoderd, ForwardProxy, front_body_limit, redirecting
 
+from agent_sidecar.coder import api_path_warning
 from agent_sidecar.config import Settings
 
+from .conftest import until
 from .test_daemon import serving, settings_for
 
 
@@ -188,3 +190,35 @@ async def test_in_sink_only_mode_a_failing_sink_is_degraded_not_unhealthy(
         assert status == 200
         assert health["status"] == "degraded"
         assert health["reasons"][0].startswith("sink: ")
+
+
+async def test_an_api_path_in_the_coder_url_is_named_not_taken_for_tasks_gone(
+    agent: FakeAgentAPI, coderd: FakeCoderd, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """CODER_AGENT_URL set to an API path (…/api/v2/) gets "Route not found." before any
+    token check, as a Coder without Tasks would: the start-up warns about the path, and
+    since buildinfo is missing too, the Tasks line is a warning that says to check the
+    URL."""
+    settings = settings_for(agent, coderd, short_dir, settle_s=0)
+    settings = settings.model_copy(update={"coder_url": coderd.url + "api/v2/"})
+    async with serving(settings):
+        await until(lambda: bool(logged(log_output, "coderd_buildinfo_unavailable")))
+        agent.add_message("user", "hello")
+        await until(lambda: bool(logged(log_output, "upload_tasks_unavailable")))
+    [path_warning] = logged(log_output, "coder_url_api_path")
+    assert "should be Coder's access URL" in path_warning["detail"]
+    [tasks] = logged(log_output, "upload_tasks_unavailable")
+    assert tasks["level"] == "warning"
+    assert "CODER_AGENT_URL may not be Coder's access URL" in tasks["hint"]
+
+
+def test_api_path_warning_is_only_for_api_paths() -> None:
+    """An access URL, with or without a path prefix of its own, draws no warning; one that
+    holds /api/ does."""
+    assert api_path_warning("https://coder.example.com/") is None
+    assert api_path_warning("https://example.com/coder/") is None
+    assert api_path_warning("https://coder.example.com/api/v2") is not None
+    assert api_path_warning("https://u:p@coder.example.com/api/v2/?x=1") == (
+        "CODER_AGENT_URL https://coder.example.com/api/v2/ has an API path; it should be "
+        "Coder's access URL, like https://coder.example.com/, since /api/v2/... is joined "
+        "below it")

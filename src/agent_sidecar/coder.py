@@ -49,6 +49,7 @@ log = logs.get("coder")
 # 407 is the proxy refusing us, as a CONNECT that fails is: not the payload's fault.
 RETRYABLE_STATUSES = frozenset({407, 408, 429, 500, 502, 503, 504})
 TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 - a header name, not a secret
+STORED = 204  # coderd's only answer to a stored snapshot (coder-contract.md §1, row 12)
 TOO_LARGE_DETAIL = "request body too large"
 ROUTE_NOT_FOUND = "Route not found."
 # Redirects followed in one attempt. A front moves a path once, maybe twice; a loop ends here.
@@ -237,13 +238,30 @@ def plain_http_warning(coder_url: str) -> str | None:
             "read it; use an https CODER_AGENT_URL where you can")
 
 
+def api_path_warning(coder_url: str) -> str | None:
+    """What to say when CODER_AGENT_URL looks like an API path rather than Coder's access
+    URL, or None. The paths the sidecar calls are joined below it."""
+    url = URL(coder_url)
+    if "/api/" not in url.path.rstrip("/") + "/":
+        return None
+    return (f"CODER_AGENT_URL {url.with_user(None).with_query(None)} has an API path; it "
+            "should be Coder's access URL, like https://coder.example.com/, since "
+            "/api/v2/... is joined below it")
+
+
 _VERSION = re.compile(r"v?(\d+)\.(\d+)")
 
 
-def tasks_unavailable(version: str | None) -> str:
+def tasks_unavailable(version: str | None, buildinfo_missing: bool = False) -> str:
     """Why the log-snapshot endpoint is missing, worded for this coderd's version when
     known (field-notes.md §1). The 404 decides that Tasks is unavailable; the version only
-    picks the words. Never advice to change Coder's version: Tasks is going away."""
+    picks the words. Never advice to change Coder's version: Tasks is going away. When
+    buildinfo, which every coderd serves, was missing too, the URL itself is in doubt."""
+    if buildinfo_missing:
+        return ("the log-snapshot endpoint answered 404 \"Route not found.\", and so did "
+                "GET /api/v2/buildinfo, which every coderd serves: CODER_AGENT_URL may not "
+                "be Coder's access URL (check it), or this Coder does not serve Coder Tasks "
+                "(off in v2.36 unless CODER_ENABLE_AI_TASKS=true, removed in v2.37)")
     match = _VERSION.match(version or "")
     minor = int(match.group(2)) if match and match.group(1) == "2" else None
     if minor is not None and minor >= 37:
@@ -259,10 +277,11 @@ def tasks_unavailable(version: str | None) -> str:
             "sets CODER_ENABLE_AI_TASKS=true, and removed in v2.37 and later")
 
 
-def tasks_hint(version: str | None, recheck_s: float) -> str:
+def tasks_hint(version: str | None, recheck_s: float, buildinfo_missing: bool = False) -> str:
     """The daemon's log hint for Tasks being unavailable: why, and what still works."""
-    return (f"{tasks_unavailable(version)}. Snapshots are not stored in Coder; the sink and "
-            f"the relay keep working, and uploads are re-checked every {recheck_s:g}s")
+    return (f"{tasks_unavailable(version, buildinfo_missing)}. Snapshots are not stored in "
+            "Coder; the sink and the relay keep working, and uploads are re-checked every "
+            f"{recheck_s:g}s")
 
 
 @dataclass(frozen=True)
@@ -304,6 +323,7 @@ class CoderClient:
         self.proxies = proxies if proxies is not None else Proxies.from_environ(os.environ)
         self._now = now
         self.coderd_version: str | None = None  # from GET /api/v2/buildinfo, once read
+        self.buildinfo_missing = False  # buildinfo answered 404: is this URL coderd's?
 
     async def upload(self, body: bytes) -> Outcome:
         timeout_s = self.settings.upload_timeout_s
@@ -380,7 +400,7 @@ class CoderClient:
                  note: str | None = None) -> Outcome:
         """The Outcome of one answer (status, decoded body, headers), by HTTP meaning first."""
         headers = headers or {}
-        if 200 <= status < 300:
+        if status == STORED:
             return Outcome(Result.ACCEPTED, status)
         notes: tuple[str, ...] = (note,) if note else ()
         coder = _coder_error(body)
@@ -390,6 +410,13 @@ class CoderClient:
         else:
             ctype = headers.get("Content-Type", "").split(";", 1)[0].strip()[:80]
             base = replace(base, message=note or first_line(body), content_type=ctype)
+        if 200 <= status < 300:
+            # coderd stores a snapshot with 204 and no body; another success (a sign-in page
+            # with 200, a queue's 202) was written by something in front of it, and nothing
+            # says the snapshot is stored. Retried, so health turns once it lasts.
+            return replace(base, result=Result.RETRY, notes=(
+                *notes, f"coderd answers {STORED} to a stored snapshot; this {status} came "
+                "from something in front of it"))
         if status == 413 or (status == 400 and TOO_LARGE_DETAIL in base.detail):
             return replace(base, result=Result.TOO_LARGE, notes=notes)
         if 300 <= status < 400:
@@ -441,6 +468,7 @@ class CoderClient:
             if isinstance(data, dict) and isinstance(data.get("version"), str):
                 version = "".join(c for c in data["version"][:64] if c.isprintable()) or None
         if version is None:
+            self.buildinfo_missing = answer.status == 404
             log.info("coderd_buildinfo_unavailable", status=answer.status)
             return None
         self.coderd_version = version

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, first_of
-from agent_sidecar.coder import plain_http_warning
+from agent_sidecar.coder import api_path_warning, plain_http_warning
 from agent_sidecar.config import Settings
 from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
@@ -292,13 +292,18 @@ def _log_uploads(pipeline: Pipeline) -> None:
             sink=str(pipeline.sink.path) if pipeline.sink else None)
     elif pipeline.coder is not None:
         log.info("uploads_enabled", url=redact_url(str(pipeline.coder.url)))
-        log_plain_http(pipeline.settings)
+        log_url_warnings(pipeline.settings)
 
 
-def log_plain_http(settings: Settings) -> None:
-    """Warn, once at start-up, when the token would cross the network in clear."""
-    if settings.coder_url is not None and (warning := plain_http_warning(settings.coder_url)):
+def log_url_warnings(settings: Settings) -> None:
+    """Warn, once at start-up, when the token would cross the network in clear, or the Coder
+    URL looks like an API path rather than the access URL."""
+    if settings.coder_url is None:
+        return
+    if warning := plain_http_warning(settings.coder_url):
         log.warning("coder_url_plain_http", detail=warning)
+    if warning := api_path_warning(settings.coder_url):
+        log.warning("coder_url_api_path", detail=warning)
 
 
 async def _serve_metrics(pipeline: Pipeline) -> web.AppRunner:

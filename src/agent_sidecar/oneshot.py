@@ -11,7 +11,7 @@ from pathlib import Path
 from agent_sidecar.agentapi import AgentAPIError, AgentAPIUnavailable
 from agent_sidecar.coder import tasks_unavailable
 from agent_sidecar.config import ConfigError, Settings
-from agent_sidecar.daemon import log_plain_http
+from agent_sidecar.daemon import log_url_warnings
 from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.snapshot import pack
 
@@ -36,7 +36,7 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
         except StartupError as exc:
             raise ConfigError(str(exc)) from None
         if upload:
-            log_plain_http(settings)
+            log_url_warnings(settings)
         conversation = pipeline.conversation
         try:
             messages = await pipeline.agentapi.messages(conversation.retain_chars)
@@ -76,9 +76,9 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(deadline):
                         await coder.read_buildinfo()  # only to word the message
+            why = tasks_unavailable(coder.coderd_version, coder.buildinfo_missing)
             print(f"agent-sidecar: upload failed: Tasks unavailable "
-                  f"({uploader.last_outcome}): {tasks_unavailable(coder.coderd_version)}; "
-                  "nothing was stored", file=sys.stderr)
+                  f"({uploader.last_outcome}): {why}; nothing was stored", file=sys.stderr)
             return 1
         print(f"agent-sidecar: upload failed: {uploader.last_outcome or 'timed out'}",
               file=sys.stderr)

@@ -437,10 +437,13 @@ class Uploader:
     def _log_state(self, state: str, outcome: Outcome) -> None:
         if outcome.result is Result.TASKS_UNAVAILABLE:
             version = self.client.coderd_version if self.client else None
-            # Not a warning: nothing is wrong with this sidecar, and nothing it can fix.
-            log.info("upload_tasks_unavailable", status=outcome.status,
-                     message=outcome.message, coderd_version=version,
-                     hint=tasks_hint(version, self.settings.rejected_backoff_s))
+            doubt = self.client.buildinfo_missing if self.client else False
+            # Not a warning: nothing is wrong with this sidecar, and nothing it can fix;
+            # unless the URL itself may be wrong.
+            say = log.warning if doubt else log.info
+            say("upload_tasks_unavailable", status=outcome.status,
+                message=outcome.message, coderd_version=version,
+                hint=tasks_hint(version, self.settings.rejected_backoff_s, doubt))
             return
         fields = {"status": outcome.status, "message": outcome.message,
                   "detail": outcome.detail, "location": outcome.location,
