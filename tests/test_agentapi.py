@@ -559,3 +559,19 @@ async def test_an_unreachable_agentapi_is_named_by_the_os_reason_not_a_repr(
     for exc in (err.value, sent.value):
         assert f"cannot connect to 127.0.0.1:{agent.port}: Connection refused" in str(exc)
         assert "ConnectionKey" not in str(exc)
+
+
+async def test_a_vanished_agentapi_is_noticed_when_polling_too() -> None:
+    """Without /events, agentapi stopping is noticed at the first poll it does not answer
+    after one it did (state.gone), so the upload after it is made in polling mode too."""
+    agent = await FakeAgentAPI(events=False).start()
+    try:
+        async with following(agent.url, poll_interval_s=0.02) as (client, conv):
+            await until(lambda: conv.connected, wake=conv.changed.wait)
+            seen = client.state.gone.version
+            await agent.stop()
+            async with asyncio.timeout(5):
+                await client.state.gone.wait(seen)
+            assert not conv.connected
+    finally:
+        await agent.stop()

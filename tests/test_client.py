@@ -384,6 +384,23 @@ async def test_status_text_names_the_agent_the_transport_and_coderd(stub: StubRe
         run.out)
 
 
+async def test_a_peers_escape_sequences_are_shown_escaped_not_sent_to_the_terminal(
+    stub: StubRelay,
+) -> None:
+    """An error page that carries terminal escapes (retitle, clear screen) reaches check's
+    and send's output escaped, so it cannot drive the user's terminal."""
+    evil = "too_large (HTTP 413 (text/plain): \x1b]0;pwned\x07\x1b[2J\x1b[31mToo Large)"
+    stub.healthz = (503, {"status": "unhealthy", "reasons": [f"uploads: {evil}"]})
+    run = await cli_run("check", "--socket", str(stub.socket))
+    assert run.code == 1
+    assert "\x1b" not in run.out
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in run.out
+    stub.send_answer = (502, {"message": "agentapi rejected the input.", "detail": evil})
+    sent = await cli_run(*send(stub, "hello"))
+    assert sent.code == 1
+    assert "\x1b" not in sent.err
+
+
 async def test_status_reads_a_chunked_answer(stub: StubRelay) -> None:
     """A chunked /status answer is read whole: status --json prints exactly it."""
     stub.chunked_status = True

@@ -14,16 +14,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
-from standins import FakeCoderd, ForwardProxy
+from standins import FakeCoderd, ForwardProxy, hanging
 from yarl import URL
 
 from agent_sidecar.coder import (
     FIRST_LINE_CHARS,
+    LOCATION_CHARS,
     MAX_REDIRECTS,
     CoderClient,
     Result,
     parse_retry_after,
     plain_http_warning,
+    shown_location,
     snapshot_url,
     tasks_hint,
 )
@@ -559,3 +561,54 @@ def test_the_tasks_hint_is_worded_by_version_and_never_says_upgrade(
 def test_plain_http_to_another_machine_is_warned_about(url: str, warned: bool) -> None:
     """The token over plain http to a host that is not loopback earns a warning."""
     assert (plain_http_warning(url) is not None) is warned
+
+
+@pytest.mark.parametrize(("charset", "encoded"), [
+    ("iso-8859-1", "Trop grand éè".encode("latin-1")),
+    ("utf-16", "Trop grand éè".encode("utf-16")),
+    ("", "Trop grand éè".encode()),
+])
+def test_an_error_page_is_read_in_the_charset_it_names(
+    client: CoderClient, charset: str, encoded: bytes,
+) -> None:
+    """A front's error page in Latin-1 or UTF-16 is described in its own charset (UTF-8 when
+    it names none), with no replacement characters or NULs."""
+    ctype = "text/plain" + (f"; charset={charset}" if charset else "")
+    outcome = client.classify(413, encoded, {"Content-Type": ctype})
+    assert outcome.message == "Trop grand éè"
+
+
+async def test_a_proxy_that_wants_credentials_or_hangs_is_named_as_the_proxy(
+    coderd: FakeCoderd,
+) -> None:
+    """A proxy's 407 says the proxy wants credentials, and an upload that times out through
+    a proxy names the proxy and its variable: neither reads as coderd's doing."""
+    task = coderd.add_task()
+    name = f"coderd.invalid:{coderd.port}"
+    async with ForwardProxy({name: ("127.0.0.1", coderd.port)},
+                            credentials=("me", "pw")) as proxy:
+        proxies = Proxies.from_environ({"HTTP_PROXY": f"http://127.0.0.1:{proxy.port}"})
+        async with aiohttp.ClientSession() as session:
+            settings = make_settings(coder_url=f"http://{name}/", task_id=task,
+                                     coder_token=coderd.token, upload_timeout_s=0.5)
+            client = CoderClient(session, settings, TokenSource(settings), proxies=proxies)
+            wants = await client.upload(b'{"messages":[]}')
+            coderd.hook = hanging()
+            proxy.credentials = None
+            hung = await client.upload(b'{"messages":[]}')
+    assert wants.result is Result.RETRY
+    assert wants.message.startswith("the proxy wants credentials (407")
+    assert f"through the proxy http://127.0.0.1:{proxy.port}, from HTTP_PROXY" in wants.message
+    assert hung.result is Result.RETRY
+    assert hung.message == (f"timed out after 0.5s (through the proxy "
+                            f"http://127.0.0.1:{proxy.port}, from HTTP_PROXY)")
+
+
+def test_a_long_location_is_cut_short_where_it_is_named() -> None:
+    """A Location of thousands of characters is named by its first LOCATION_CHARS, so a
+    front cannot flood a log line, /status or check with it."""
+    base = URL("https://coder.example.com/")
+    shown = shown_location(base, "https://elsewhere.example.com/" + "a" * 6000 + "?q=1")
+    assert len(shown) == LOCATION_CHARS + 3
+    assert shown.startswith("https://elsewhere.example.com/aaa")
+    assert shown.endswith("...")

@@ -34,7 +34,7 @@ def test_which_variable_applies(env: dict[str, str], url: str, expected: str | N
 
 @pytest.mark.parametrize("url", [
     "http://localhost:3000/", "http://127.0.0.1:3000/", "http://127.8.9.10/",
-    "http://[::1]:3000/", "https://LOCALHOST/",
+    "http://[::1]:3000/", "https://LOCALHOST/", "http://[::ffff:127.0.0.1]/",
 ])
 def test_loopback_is_never_proxied(url: str) -> None:
     """localhost and loopback addresses go direct whatever the environment says."""
@@ -43,6 +43,7 @@ def test_loopback_is_never_proxied(url: str) -> None:
 
 @pytest.mark.parametrize(("no_proxy", "url", "direct"), [
     ("*", "https://coder.example.com/", True),
+    ("coder.example.com", "https://coder.example.com./", False),  # as Go: the dot counts
     ("example.com", "https://example.com/", True),
     ("example.com", "https://coder.example.com/", True),
     ("example.com", "https://notexample.com/", False),

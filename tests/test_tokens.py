@@ -224,7 +224,7 @@ def uploads_env(tmp_path: Path, **env: str) -> dict[str, str]:
 @pytest.mark.parametrize("problem", ["unreadable", "fifo", "crlf", "not utf-8"])
 async def test_config_runs_the_token_checks_that_run_runs(tmp_path: Path, problem: str) -> None:
     """`agent-sidecar config` refuses (exit 2) a token file that `run` would refuse, with the
-    same one line, so a systemd ExecStartPre= check catches it."""
+    same one line, so it vets a configuration before a restart meets it."""
     path = tmp_path / "token"
     if problem == "fifo":
         os.mkfifo(path)
@@ -256,3 +256,15 @@ async def test_config_and_run_refuse_a_socks_proxy_for_coderd(tmp_path: Path) ->
     assert "SOCKS proxies are not supported" in ran.stderr
     exempt = await asyncio.to_thread(run_cli, "config", **env, NO_PROXY="coder.example.com")
     assert exempt.returncode == 0, exempt.stderr
+
+
+async def test_a_socks_proxy_the_coder_url_would_not_use_is_no_start_up_error(
+    tmp_path: Path,
+) -> None:
+    """A SOCKS HTTPS_PROXY with an http Coder URL (which HTTP_PROXY would carry) does not
+    stop `config`: only a redirect to https would need it, and that upload then fails
+    naming the proxy."""
+    env = uploads_env(tmp_path, CODER_AGENT_TOKEN=TOKEN, HTTPS_PROXY="socks5://p:1080",
+                      CODER_AGENT_URL="http://coder.example.com/")
+    configured = await asyncio.to_thread(run_cli, "config", **env)
+    assert configured.returncode == 0, configured.stderr

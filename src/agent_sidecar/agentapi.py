@@ -118,7 +118,8 @@ class FollowState:
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
     status_read: bool = False  # a /status answer was read: a None transport is then a "no"
     # Notified once per disappearance of agentapi: a stream it had been following ended,
-    # and the next connect failed. The uploader then writes the last word (uploader.py).
+    # and the next connect failed (polling: a poll failed after one that answered). The
+    # uploader then writes the last word (uploader.py).
     gone: Pulse = field(default_factory=Pulse)
 
 
@@ -534,6 +535,8 @@ class AgentAPI:
                     busy_logged = True
                 continue  # each try already waited agentapi_timeout_s
             except (AgentAPIError, AgentAPIUnavailable) as exc:
+                if conversation.connected and isinstance(exc, AgentAPIUnavailable):
+                    self.state.gone.notify()  # it answered the last poll and not this one
                 conversation.set_connected(False)
                 self.state.last_error = str(exc)
                 log.warning("agentapi_poll_failed", error=str(exc))

@@ -383,13 +383,24 @@ def _get(args: argparse.Namespace, target: str, timeout_s: float) -> tuple[int, 
     return resp.status, resp.json()
 
 
+def shown(text: object) -> str:
+    """`text` fit for a terminal: what a peer wrote (an error page, a Location) may hold
+    escape sequences that would retitle or clear it, so non-printable characters are shown
+    escaped, as Python writes them (`\\x1b`)."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
 def _print_error(data: Any) -> None:
     if isinstance(data, dict):
         message = data.get("message") or "request failed"
         detail = data.get("detail")
-        print(f"agent-sidecar: {message}" + (f" ({detail})" if detail else ""), file=sys.stderr)
+        print(f"agent-sidecar: {shown(message)}" + (f" ({shown(detail)})" if detail else ""),
+              file=sys.stderr)
     else:
-        print(f"agent-sidecar: {data}", file=sys.stderr)
+        print(f"agent-sidecar: {shown(data)}", file=sys.stderr)
 
 
 def _relay_bounds(path: str, timeout_s: float | None) -> tuple[float, float]:
@@ -475,10 +486,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_INTERRUPTED
     except client.Unreachable as exc:
-        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        print(f"agent-sidecar: {shown(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except client.NoAnswer as exc:
-        print(f"agent-sidecar: {exc}; the input may have been delivered: do not resend it "
+        print(f"agent-sidecar: {shown(exc)}; the input may have been delivered: do not resend it "
               "blindly", file=sys.stderr)
         return EXIT_UNKNOWN
     data = resp.json()
@@ -520,7 +531,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         sink = data["sink"]
         lines.append(f"sink      {sink['path']}" + (f" (error: {sink['error']})"
                                                     if sink.get("error") else ""))
-    print("\n".join(lines))
+    print("\n".join(shown(line) for line in lines))
     return EXIT_OK
 
 
@@ -529,17 +540,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         status, data = _get(args, "/livez" if args.live else "/healthz", 5.0)
     except client.ClientError as exc:
-        print(f"{bad}: {exc}")
+        print(f"{bad}: {shown(exc)}")
         return EXIT_FAILURE
     reasons = data.get("reasons") if isinstance(data, dict) else None
     if status == 200:
         good = "alive" if args.live else "healthy"
-        print("degraded: " + "; ".join(map(str, reasons)) if reasons else good)
+        print("degraded: " + "; ".join(map(shown, reasons)) if reasons else good)
         return EXIT_OK
     detail = "; ".join(map(str, reasons)) if reasons else (
         data.get("message") if isinstance(data, dict) and data.get("message") else
         f"HTTP {status}")
-    print(f"{bad}: {detail}")
+    print(f"{bad}: {shown(detail)}")
     return EXIT_FAILURE
 
 

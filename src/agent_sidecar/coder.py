@@ -24,6 +24,7 @@ short. At most `max_coderd_response_bytes` of any response is read, decompressed
 from __future__ import annotations
 
 import asyncio
+import codecs
 import email.utils
 import enum
 import json
@@ -49,6 +50,7 @@ log = logs.get("coder")
 # 407 is the proxy refusing us, as a CONNECT that fails is: not the payload's fault.
 RETRYABLE_STATUSES = frozenset({407, 408, 429, 500, 502, 503, 504})
 TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 - a header name, not a secret
+LOCATION_CHARS = 200  # of a Location named in a log line, /status or check
 STORED = 204  # coderd's only answer to a stored snapshot (coder-contract.md §1, row 12)
 TOO_LARGE_DETAIL = "request body too large"
 ROUTE_NOT_FOUND = "Route not found."
@@ -130,15 +132,31 @@ def garbage(value: str, limit: int = 80) -> str:
     return repr(logs.clip(value, limit) + ("..." if len(value) > limit else ""))
 
 
-def first_line(body: bytes) -> str:
-    """The first line of a body that has text once markup is removed, cut short."""
-    text = body[: _SCANNED_CHARS].decode("utf-8", "replace")
+def first_line(body: bytes, content_type: str = "") -> str:
+    """The first line of a body that has text once markup is removed, cut short. The text
+    is decoded by the charset its Content-Type names (UTF-8 when it names none, or one
+    Python does not know); characters that are not printable are dropped."""
+    text = body[: _SCANNED_CHARS].decode(_charset(content_type), "replace")
+    text = "".join(c if c.isprintable() or c in "\r\n" else " " for c in text)
     for line in text.splitlines():
         words = " ".join(_without_tags(line).split())
         if words:
             return words if len(words) <= FIRST_LINE_CHARS else (
                 logs.clip(words, FIRST_LINE_CHARS - 3) + "...")
     return ""
+
+
+def _charset(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            try:
+                codecs.lookup(charset)
+            except LookupError:
+                break
+            return charset
+    return "utf-8"
 
 
 def _without_tags(line: str) -> str:
@@ -208,14 +226,16 @@ def redirect_target(url: URL, status: int, location: str | None,
 
 
 def shown_location(base: URL, location: str | None) -> str:
-    """A Location as it may be logged: resolved, without user, query or fragment."""
+    """A Location as it may be logged: resolved, without user, query or fragment, and at
+    most LOCATION_CHARS characters."""
     if location is None:
         return "nowhere"
     try:
         target = base.join(URL(location.strip()))
-        return str(target.with_user(None).with_query(None).with_fragment(None))
+        shown = str(target.with_user(None).with_query(None).with_fragment(None))
     except (ValueError, TypeError):
         return garbage(location.split("?", 1)[0].split("#", 1)[0])
+    return shown if len(shown) <= LOCATION_CHARS else logs.clip(shown, LOCATION_CHARS) + "..."
 
 
 def snapshot_url(coder_url: str, task_id: uuid.UUID) -> URL:
@@ -331,7 +351,18 @@ class CoderClient:
             async with asyncio.timeout(timeout_s):
                 return await self._post(body)
         except TimeoutError:
-            return Outcome(Result.RETRY, message=f"timed out after {timeout_s:g}s")
+            return Outcome(Result.RETRY, message=f"timed out after {timeout_s:g}s"
+                           + self._via(self.url))
+
+    def _via(self, url: URL) -> str:
+        """` (through the proxy P, from VARIABLE)`, or "" when `url` goes direct."""
+        try:
+            proxy = self.proxies.for_url(url)
+        except ProxyError:
+            return ""
+        if proxy is None:
+            return ""
+        return f" (through the proxy {shown(proxy)}, from {self.proxies.variable_for(url)})"
 
     async def _post(self, body: bytes) -> Outcome:
         url = self.url
@@ -339,6 +370,9 @@ class CoderClient:
             answer = await self._exchange("POST", url, body, with_token=True)
             if isinstance(answer, Outcome):
                 return answer
+            if answer.status == 407 and (via := self._via(url)):
+                return Outcome(Result.RETRY, 407, "the proxy wants credentials (407 Proxy "
+                               "Authentication Required): give them in the proxy URL" + via)
             if not 300 <= answer.status < 400:
                 return self.classify(answer.status, answer.body, answer.headers, answer.note)
             location = answer.headers.get("Location")
@@ -409,7 +443,8 @@ class CoderClient:
             base = replace(base, message=coder[0], detail=coder[1])
         else:
             ctype = headers.get("Content-Type", "").split(";", 1)[0].strip()[:80]
-            base = replace(base, message=note or first_line(body), content_type=ctype)
+            base = replace(base, message=note or first_line(body, headers.get("Content-Type", "")),
+                           content_type=ctype)
         if 200 <= status < 300:
             # coderd stores a snapshot with 204 and no body; another success (a sign-in page
             # with 200, a queue's 202) was written by something in front of it, and nothing

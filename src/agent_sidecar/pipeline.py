@@ -248,15 +248,13 @@ class Pipeline:
 
 def coder_proxies(settings: Settings, environ: Mapping[str, str]) -> Proxies:
     """The proxies coderd requests use. Raises StartupError when the proxy the environment
-    names for the Coder URL (or its https form, which a redirect may move to) is one this
-    client cannot use, such as SOCKS."""
+    names for the Coder URL is one this client cannot use, such as SOCKS. (One named only
+    for the https form of an http URL is left to the redirect that would need it: that
+    upload fails, retryably, naming the proxy.)"""
     proxies = Proxies.from_environ(environ)
     if settings.coder_url is not None and settings.uploads_disabled_reason is None:
-        url = URL(settings.coder_url)
         try:
-            proxies.for_url(url)
-            if url.scheme == "http":
-                proxies.for_url(url.with_scheme("https"))
+            proxies.for_url(URL(settings.coder_url))
         except ProxyError as exc:
             raise StartupError(f"proxy for coderd: {exc}") from None
     return proxies

@@ -36,10 +36,15 @@ class ProxyError(Exception):
 def is_loopback(host: str) -> bool:
     """`localhost` or a loopback address: never proxied, and never "another machine"."""
     host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
     try:
-        return host == "localhost" or ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    # Go's net.IP sees ::ffff:127.0.0.1 as the IPv4 address it maps; ipaddress does not.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def shown(url: URL) -> str:
@@ -175,7 +180,7 @@ class Proxies:
         setting = self.https if url.scheme == "https" else self.http
         if setting is None or self.bypass_all or not url.host:
             return None
-        host = url.host.lower().rstrip(".")
+        host = url.host.lower()  # a trailing dot is kept: Go's NO_PROXY matching keeps it
         if is_loopback(host):
             return None
         try:
