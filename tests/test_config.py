@@ -237,7 +237,7 @@ def test_config_command_masks_url_userinfo(as_json: bool) -> None:
 
 
 def test_config_command_exits_2_when_invalid() -> None:
-    """`agent-sidecar config` exits 2 on an invalid configuration, usable as ExecStartPre=."""
+    """`agent-sidecar config` exits 2 on an invalid configuration, as `run` would."""
     proc = run_cli("config", "--settle-s", "-1")
     assert proc.returncode == 2
     assert "invalid settle_s" in proc.stderr

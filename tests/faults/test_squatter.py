@@ -146,7 +146,7 @@ def test_a_squatted_default_socket_is_refused_by_every_command(squatter: Squatte
 
     config = cli(tmpdir, "config")
     assert config.returncode == 2
-    assert config.stderr == run.stderr.replace("cannot start: ", "")  # ExecStartPre= sees it
+    assert config.stderr == run.stderr.replace("cannot start: ", "")  # config says what run would
 
     send = cli(tmpdir, "send", "rm -rf / is not what I meant")
     assert send.returncode == 5
