@@ -700,7 +700,7 @@ async def test_status_reports_the_bound_a_client_must_wait(env: Env) -> None:
     assert body["relay"]["answer_margin_s"] == ANSWER_MARGIN_S
     state.transport = "acp"
     assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
-    state.transport = None  # not known yet: a client must wait for the larger bound
+    state.transport, state.status_read = None, False  # not known yet: the larger bound
     assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 3600
     assert (await env.send({"input": "x"}))[0] == 204  # the relay asks /status itself
     assert (await env.get("/status"))[1]["relay"]["send_timeout_s"] == 60
@@ -807,6 +807,7 @@ async def test_raw_input_is_not_sent_when_the_transport_cannot_be_told(
         await until(lambda: env.conv.status == "running", wake=env.conv.changed.wait)
         # As for a follower that connected mid-turn: its own /status probe still waits.
         env.relay.agentapi.state.transport = None
+        env.relay.agentapi.state.status_read = False  # as if the follower had not asked yet
         status, body = await env.send({"input": "\x1b", "type": "raw", "wait_s": 0.3})
         turn.cancel()
         await asyncio.gather(turn, return_exceptions=True)
