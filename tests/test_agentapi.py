@@ -338,6 +338,72 @@ async def test_an_encoding_it_cannot_inflate_is_an_error_not_a_crash() -> None:
             await client_for(session, url).messages(65536)
 
 
+@functools.cache
+def compressed_stream(coding: str) -> bytes:
+    """An SSE replay (a user message, then stable) followed by 50 MiB of blank lines,
+    compressed as `coding` says: 51 KB of gzip, like the one QA met."""
+    plain = (sse_event("message_update", {"id": 0, "role": "user", "message": "hi",
+                                          "time": "2026-04-10T12:34:56Z"})
+             + sse_event("status_change", {"status": "stable"}) + b"\n" * (50 << 20))
+    if coding == "br":
+        return b"\x1b\xff\xff" + plain[:1000]  # not inflatable here, and not needed
+    wbits = 15 if coding == "deflate" else 31
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(plain) + packer.flush()
+
+
+@asynccontextmanager
+async def loop_lag() -> AsyncIterator[Callable[[], float]]:
+    """Measures how late the event loop runs a callback due every 10 ms; yields a function
+    that gives the worst lateness so far, in seconds."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    handle: asyncio.TimerHandle | None = None
+
+    def tick(due: float) -> None:
+        nonlocal worst, handle
+        worst = max(worst, loop.time() - due)
+        handle = loop.call_at(loop.time() + 0.01, tick, loop.time() + 0.01)
+
+    handle = loop.call_at(loop.time() + 0.01, tick, loop.time() + 0.01)
+    try:
+        yield lambda: worst
+    finally:
+        handle.cancel()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "br"])
+async def test_a_compressed_event_stream_is_refused_and_the_loop_never_stalls(
+    coding: str,
+) -> None:
+    """An /events answer with Content-Encoding (a gzip that inflates to 50 MiB of blank
+    lines) is refused by name without inflating it, then retried with the normal back-off;
+    the event loop is never held up for long and nothing of the stream reaches the model."""
+    body = compressed_stream(coding)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Content-Encoding": coding})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(body)
+            await asyncio.Event().wait()  # the stream stays open, as agentapi's does
+        return resp
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"status": "stable", "transport": "pty"})
+
+    async with serving(web.get("/events", events), web.get("/status", status)) as url, \
+            loop_lag() as worst_lag, following(url) as (client, conv):
+        await until(lambda: client.state.reconnects >= 3)
+        assert worst_lag() < 0.5, worst_lag()
+    assert f"Content-Encoding {coding!r}" in (client.state.last_error or "")
+    assert "never compresses" in (client.state.last_error or "")
+    assert client.state.mode == "events"
+    assert not conv.connected
+    assert conv.messages() == []
+
+
 @pytest.mark.parametrize("body", ["plain", "gzip"])
 async def test_a_refused_stream_body_is_read_with_a_cap(body: str) -> None:
     """A non-200 /events answer with a 256 MiB body, plain or a gzip bomb, is reported with

@@ -42,7 +42,7 @@ from yarl import URL
 
 from agent_sidecar import logs, neterrors
 from agent_sidecar.aio import Backoff, Pulse
-from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_decoded, read_capped
+from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import MAX_ID, Conversation, Message, Status, make_message
 from agent_sidecar.sse import Decoder, Event, Oversized
@@ -496,13 +496,21 @@ class AgentAPI:
                 detail = problem_detail(body[:2048])
                 raise AgentAPIError(f"GET /events answered {resp.status}: {detail}",
                                     resp.status, detail)
+            coding = resp.headers.get("Content-Encoding", "").strip().lower()
+            if coding not in ("", "identity"):
+                # agentapi writes its stream as plain text (huma's sse package) and we ask
+                # for identity: a compressed stream is not agentapi's, and inflating it
+                # costs up to ~1000 bytes of decoding per byte received.
+                raise AgentAPIError(
+                    f"GET /events answered with Content-Encoding {coding[:40]!r}; agentapi "
+                    "never compresses its event stream, so it is refused")
             follower = _Following(self, conversation)
             follower.start()
             try:
-                async for chunk in iter_decoded(resp):
+                # Each chunk is what the socket buffered (bounded by aiohttp's read
+                # buffer); the loop runs again before the next one arrives.
+                async for chunk in resp.content.iter_any():
                     follower.feed(chunk)
-            except BodyError as exc:
-                raise AgentAPIError(f"GET /events: {exc}") from None
             finally:
                 await follower.close()
 

@@ -6,10 +6,18 @@ time depends on its version. So requests that use these helpers ask for
 anyway is inflated here in steps of at most `STEP` bytes: a zip bomb costs at most the
 cap in memory and CPU linear in the cap, never its expanded size. gzip (x-gzip) and
 deflate (zlib-wrapped or raw) are understood; other codings are refused.
+
+A compressed body is the one case where a few bytes from the network become a lot of work
+at once (about 1000:1 for a zip bomb), so between two inflated steps the event loop gets a
+turn: however much a body inflates to, the loop never waits behind more than one STEP of
+it. A plain body needs no such turn: each read hands over only what the socket buffered.
+Event streams (SSE) are not read here: agentapi never compresses them, and the follower
+refuses one that is (agentapi.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -91,34 +99,51 @@ class Inflater:
                     return
 
 
+async def iter_capped(resp: aiohttp.ClientResponse, cap: int) -> AsyncIterator[bytes]:
+    """The body of `resp` as it arrives, decoded, in pieces of at most STEP bytes.
+
+    Raises BodyTooLarge as soon as more than `cap` decoded bytes came (the rest is never
+    read), UnsupportedEncoding for a coding it cannot decode, and aiohttp's errors for the
+    connection. A compressed body gives the event loop a turn after every piece. `resp`
+    must come from a request made with `auto_decompress=False`.
+    """
+    inflater = Inflater(resp.headers.get("Content-Encoding"))
+    declared = resp.content_length
+    if declared is not None and declared > cap and not inflater.compressed:
+        raise BodyTooLarge(cap)
+    total = 0
+    async for piece in _pieces(resp, inflater):
+        total += len(piece)
+        if total > cap:
+            raise BodyTooLarge(cap)
+        yield piece
+
+
+async def _pieces(resp: aiohttp.ClientResponse, inflater: Inflater) -> AsyncIterator[bytes]:
+    async for raw in resp.content.iter_chunked(STEP):
+        for piece in inflater.feed(raw):
+            yield piece
+            if inflater.compressed:
+                # One network chunk can inflate to megabytes: let the loop run between
+                # steps, so that a bomb delays nothing else (systemd's watchdog included).
+                await asyncio.sleep(0)
+
+
 async def read_capped(resp: aiohttp.ClientResponse, cap: int, *, truncate: bool = False) -> bytes:
     """The body of `resp`, decoded, at most `cap` bytes.
 
     Raises BodyTooLarge when there is more (or returns the first `cap` bytes with
     `truncate=True`, for bodies only shown to people), UnsupportedEncoding for a coding it
     cannot decode, and aiohttp's errors for the connection. `resp` must come from a request
-    made with `auto_decompress=False`.
+    made with `auto_decompress=False`. Like iter_capped, it lets the loop run between the
+    inflated steps of a compressed body.
     """
-    inflater = Inflater(resp.headers.get("Content-Encoding"))
-    declared = resp.content_length
-    if declared is not None and declared > cap and not truncate and not inflater.compressed:
-        raise BodyTooLarge(cap)
+    if not truncate:
+        return b"".join([piece async for piece in iter_capped(resp, cap)])
     out = bytearray()
-    async for raw in resp.content.iter_chunked(STEP):
-        for piece in inflater.feed(raw):
-            if len(out) + len(piece) > cap:
-                if truncate:
-                    out += piece[: cap - len(out)]
-                    return bytes(out)
-                raise BodyTooLarge(cap)
-            out += piece
+    async for piece in _pieces(resp, Inflater(resp.headers.get("Content-Encoding"))):
+        if len(out) + len(piece) >= cap:
+            out += piece[: cap - len(out)]
+            break
+        out += piece
     return bytes(out)
-
-
-async def iter_decoded(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The body of `resp` as it arrives, decoded, in pieces of at most about STEP bytes
-    when compressed. For streams (SSE), whose consumer bounds what it holds."""
-    inflater = Inflater(resp.headers.get("Content-Encoding"))
-    async for raw in resp.content.iter_any():
-        for piece in inflater.feed(raw):
-            yield piece
