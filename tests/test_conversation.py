@@ -198,17 +198,153 @@ def test_out_of_order_ids_cost_no_more_than_in_order_ones() -> None:
     assert len(conv.messages()) <= max_messages(CODERD_MAX_BODY_BYTES) + 2
 
 
+def listing(messages: list[Message], covered: int, cap: int = CODERD_MAX_BODY_BYTES
+            ) -> Conversation:
+    """The model the follower builds from a GET /messages answer, for a reconcile."""
+    listed = Conversation(cap)
+    for x in messages:
+        if x.id < covered:
+            listed.upsert(x)
+    return listed
+
+
 def test_reconcile_drops_what_agentapi_no_longer_has() -> None:
-    """Held ids up to `upto` that agentapi's list lacks are dropped; newer ones stay."""
+    """Held ids the answer covers but lacks are dropped; ids newer than it stay."""
     conv = Conversation(CODERD_MAX_BODY_BYTES)
-    for i, role in enumerate(["user", "agent", "user", "agent", "user"]):
-        conv.upsert(m(i, f"m{i}", role))
+    history = [m(i, f"m{i}", role) for i, role in
+               enumerate(["user", "agent", "user", "agent", "user"])]
+    for x in history:
+        conv.upsert(x)
     version = conv.version
-    assert conv.reconcile([0, 2, 3], upto=3) == [1]
+    answer = [history[0], history[2], history[3]]
+    assert conv.reconcile(listing(answer, 4), covered=4) == [1]
     assert [x.id for x in conv.messages()] == [0, 2, 3, 4]
+    assert conv.count == 5
     assert conv.version == version + 1
-    assert conv.reconcile([0, 2, 3], upto=3) == []
+    assert conv.reconcile(listing(answer, 4), covered=4) == []
     assert conv.version == version + 1
+
+
+def test_a_reconcile_that_lists_nothing_leaves_no_user_message() -> None:
+    """/messages answering [] (agentapi restarted) empties the model and has_user with it,
+    so no empty snapshot can be uploaded over the history coderd holds."""
+    conv = Conversation(CODERD_MAX_BODY_BYTES)
+    conv.upsert(m(0, "hello", "user"))
+    conv.upsert(m(1, "hi there"))
+    assert conv.has_user
+    assert conv.reconcile(listing([], 2), covered=2) == [0, 1]
+    assert conv.messages() == []
+    assert not conv.has_user
+    assert conv.count == 0
+
+
+def test_a_reconcile_that_drops_the_only_user_message_clears_has_user() -> None:
+    """Whatever the reconcile removes, has_user says whether a user message is left, even
+    one pruned long ago that agentapi still lists, or one it no longer does."""
+    cap = 1000
+    history = [m(0, "the question", "user")] + [m(i, "a" * 400) for i in range(1, 6)]
+    conv = Conversation(cap)
+    for x in history:
+        conv.upsert(x)
+    assert 0 not in [x.id for x in conv.messages()]  # pruned
+    assert conv.has_user
+    assert conv.reconcile(listing(history[:-1], 6, cap), covered=6) == [5]
+    assert conv.has_user  # agentapi still has message 0
+    assert conv.reconcile(listing(history[1:5], 6, cap), covered=6) == []
+    assert not conv.has_user  # now it does not
+
+
+def test_an_answer_older_than_what_was_pruned_meanwhile_is_not_applied() -> None:
+    """A /messages answer that covers ids below 2 while messages after it pruned id 2 is
+    too old to say anything about that id: the reconcile changes nothing."""
+    conv = Conversation(retain_chars=1000)
+    conv.upsert(m(0, "q", "user"))
+    conv.upsert(m(1, "a"))
+    for i in range(2, 10):
+        conv.upsert(m(i, "y" * 600))
+    before = (conv.messages(), conv.count, conv.has_user, conv.version)
+    assert conv.reconcile(listing([], 2, 1000), covered=2) is None
+    assert (conv.messages(), conv.count, conv.has_user, conv.version) == before
+
+
+def replayed(messages: list[Message], cap: int, into: Conversation | None = None
+             ) -> Conversation:
+    """A model that follows `messages` as a replay: built aside by upserts, then adopted
+    by a model that held something else (the follower's way)."""
+    conv = into or Conversation(cap)
+    replay = Conversation(cap)
+    for x in messages:
+        replay.upsert(x)
+    conv.adopt(replay, "stable")
+    return conv
+
+
+def live(messages: list[Message], cap: int) -> Conversation:
+    conv = Conversation(cap)
+    for x in messages:
+        conv.upsert(x)
+    return conv
+
+
+def test_a_replay_whose_user_message_is_pruned_still_has_one() -> None:
+    """One user message then 1 200 agent messages: as a replay (every connect sends one)
+    the model has a user message and counts 1 201 messages, exactly as when they arrived
+    live, so it is uploaded."""
+    history = [m(0, "do it", "user")] + [m(i, f"step {i} " + "x" * 80) for i in range(1, 1201)]
+    arrived = live(history, CODERD_MAX_BODY_BYTES)
+    assert 0 not in [x.id for x in arrived.messages()]
+    stale = live([m(0, "something else", "user")], CODERD_MAX_BODY_BYTES)
+    for conv in (replayed(history, CODERD_MAX_BODY_BYTES, into=stale),
+                 replayed(history, CODERD_MAX_BODY_BYTES)):
+        assert conv.has_user
+        assert conv.count == arrived.count == 1201
+        assert conv.messages() == arrived.messages()
+    polled = Conversation(CODERD_MAX_BODY_BYTES)
+    polled.replace(history, "stable")
+    assert (polled.has_user, polled.count) == (True, 1201)
+
+
+def test_messages_never_sent_count_after_a_replay_as_they_do_live() -> None:
+    """30 000 trailing `tool` messages after a user message show as 30 001 messages after a
+    replay too, not as the one held."""
+    history = [m(0, "start", "user")] + [m(i, "t", "tool") for i in range(1, 30_001)]
+    assert live(history, CODERD_MAX_BODY_BYTES).count == 30_001
+    assert replayed(history, CODERD_MAX_BODY_BYTES).count == 30_001
+    assert len(replayed(history, CODERD_MAX_BODY_BYTES).messages()) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    roles=st.lists(st.sampled_from(["user", "agent", "agent", "agent", "tool"]),
+                   max_size=60),
+    sizes=st.lists(st.integers(min_value=0, max_value=900), min_size=60, max_size=60),
+    removed=st.sets(st.integers(min_value=0, max_value=59)),
+    cap=st.integers(min_value=1024, max_value=3000),
+)
+def test_every_path_gives_the_model_the_same_messages_give_live(
+    roles: list[str], sizes: list[int], removed: set[int], cap: int,
+) -> None:
+    """Live upserts, a replay adopted, a poll (replace) and a reconcile after agentapi
+    removed some messages all give the model that agentapi's messages give arriving live:
+    the same messages held, the same count, and has_user true exactly when agentapi has a
+    user message."""
+    history = [make_message(i, role, (f"{i}:" + "z" * sizes[i])[:sizes[i]], T, cap)
+               for i, role in enumerate(roles)]
+    kept = [x for x in history if x.id not in removed]
+
+    def shape(conv: Conversation) -> tuple[list[Message], int, bool]:
+        return conv.messages(), conv.count, conv.has_user
+
+    expected = shape(live(kept, cap))
+    assert expected[2] == any(x.role == "user" for x in kept)
+    assert shape(replayed(kept, cap, into=live(history, cap))) == expected
+    polled = live(history, cap)
+    polled.replace(kept, None)
+    assert shape(polled) == expected
+    reconciled = live(history, cap)
+    assert reconciled.reconcile(listing(kept, len(history), cap), len(history)) is not None
+    assert shape(reconciled) == expected
+    assert pack(reconciled.messages(), cap).body == pack(kept, cap).body
 
 
 def test_huge_message_keeps_only_its_tail() -> None:

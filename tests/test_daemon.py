@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
@@ -23,6 +24,7 @@ from standins import FakeAgentAPI, FakeCoderd, coder_error, hanging, wait_for_fi
 from agent_sidecar.config import Settings
 from agent_sidecar.daemon import Controls, serve
 
+from .conftest import until
 from .sidecar import Sidecar, clean_env
 
 
@@ -143,6 +145,61 @@ async def test_the_final_upload_survives_an_outside_cancel(
     logged = [json.loads(line) for line in log_output.getvalue().splitlines()]
     [done] = [line for line in logged if line["event"] == "final_flush_done"]
     assert done["delivered"] is True  # the daemon saw coderd's 204, not a cancelled request
+
+
+def logged(log_output: io.StringIO, event: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    return [line for line in lines if line["event"] == event]
+
+
+async def test_an_acp_reconcile_after_a_restart_never_wipes_the_stored_history(
+    coderd: FakeCoderd, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """Under ACP, when /messages answers [] after a turn (agentapi restarted) while the model
+    holds [user 0, agent 1], the reconcile leaves no user message: coderd keeps the two
+    messages it stored, through the uploads that follow and the final flush."""
+    agent = FakeAgentAPI(version="v0.12-acp", chunks=2, chunk_delay_s=0.01)
+    async with agent:
+        settings = settings_for(agent, coderd, short_dir, settle_s=0)
+        [task] = coderd.tasks
+        async with serving(settings) as (controls, served):
+            async with aiohttp.ClientSession() as http, http.post(
+                    agent.url + "/message", json={"content": "hello", "type": "user"}) as resp:
+                assert resp.status == 200
+            stored = agent.packed()
+            await coderd.wait_for(lambda: coderd.snapshots.get(task) == stored)
+            agent.messages = []  # what a restarted agentapi lists, with no event said
+            agent.set_status("running")
+            agent.set_status("stable")  # a turn ends: the follower reconciles
+            await until(lambda: bool(logged(log_output, "agentapi_messages_removed")))
+            controls.shutdown.set()
+            assert await served == 0
+    assert logged(log_output, "agentapi_messages_removed")[0]["ids"] == [0, 1]
+    assert coderd.snapshots[task] == stored
+    assert all(json.loads(u.body)["messages"] for u in coderd.uploads)
+
+
+async def test_a_replay_whose_user_message_is_pruned_is_uploaded(
+    coderd: FakeCoderd, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """A history of one user message, 1 200 agent messages and 3 000 `tool` messages that
+    arrives as the replay of a connect is uploaded (the newest messages that fit) and again
+    at the final flush, and counts every message, as the same history arriving live does."""
+    agent = FakeAgentAPI()
+    agent.add_message("user", "go through every file")
+    for i in range(1200):
+        agent.add_message("agent", f"step {i}")
+    for i in range(3000):
+        agent.add_message("tool", f"tool output {i}")
+    async with agent:
+        settings = settings_for(agent, coderd, short_dir, settle_s=0)
+        [task] = coderd.tasks
+        async with serving(settings) as (controls, served):
+            await coderd.wait_for(lambda: coderd.snapshots.get(task) == agent.packed())
+            controls.shutdown.set()
+            assert await served == 0
+    assert [u.body for u in coderd.uploads] == [agent.packed()] * 2  # and the final flush
+    assert logged(log_output, "agentapi_following")[0]["messages"] == 4202
 
 
 async def test_sink_mirrors_what_coderd_accepted(

@@ -623,8 +623,9 @@ class _Following:
         if "agent_type" in data and (agent_type := _agent_type(data["agent_type"])):
             client.state.agent_type = agent_type
         if self.replay is not None:
-            # The replay's closing status_change: the model is now exactly agentapi's.
-            live.replace(self.replay.messages(), status)
+            # The replay's closing status_change: the model is now exactly agentapi's,
+            # with what the replay pruned on the way (a user message, unsent ids) counted.
+            live.adopt(self.replay, status)
             live.set_connected(True)
             client.state.last_error = None
             self.replay = None
@@ -654,26 +655,39 @@ class _Following:
             return
 
     async def _reconcile(self) -> None:
-        """Under ACP, after a turn ends: drop the ids /messages no longer has."""
+        """Under ACP, after a turn ends: rebuild the ids /messages covers from it, which
+        drops those agentapi no longer has (Conversation.reconcile)."""
         client, live = self.client, self.live
         while True:
             await self.reconcile_due.wait()
             self.reconcile_due.clear()
-            # Every id held now existed in agentapi before it answers (the stream lags it),
-            # so one of them missing from the answer was removed. Newer ids may arrive
-            # while it answers; they are left alone.
-            upto = live.last_id
-            if upto is None:
+            # Every id seen so far existed in agentapi before it answers (the stream lags
+            # it), so one of them missing from the answer was removed. Newer ids may
+            # arrive while it answers; they are left alone.
+            covered = live.count
+            if not covered:
                 continue
             try:
                 messages = await client.messages(live.retain_chars)
             except (AgentAPIError, AgentAPIUnavailable) as exc:
                 log.info("agentapi_reconcile_failed", error=str(exc))
                 continue
-            gone = live.reconcile((m.id for m in messages), upto)
-            if gone:
+            listed = Conversation(live.retain_chars)
+            for message in messages:
+                if message.id < covered:
+                    listed.upsert(message)
+            had_user = live.has_user
+            gone = live.reconcile(listed, covered)
+            if gone is None:
+                log.info("agentapi_reconcile_skipped",
+                         why="messages newer than the /messages answer were pruned meanwhile")
+            elif gone:
                 log.info("agentapi_messages_removed", count=len(gone), ids=gone[:20],
                          why="gone from /messages without an event (ACP failed prompt)")
+            if had_user and not live.has_user:
+                log.warning("agentapi_conversation_restarted",
+                            detail="/messages no longer has a user message; nothing is "
+                                   "uploaded until it has one again")
 
 
 class _NoEvents(Exception):

@@ -19,6 +19,15 @@ messages, however long agentapi's history is.
 What goes in is also what coderd's Go decoder accepts (issue 15, item 8): every time is an
 RFC 3339 date as Go's `time.Time` reads it, and ids are checked by the parser
 (agentapi.parse_message) to fit in an int64.
+
+However the messages come (live one by one, as a replay on connect, as a poll, or through
+the ACP reconcile), the same messages give the same model: the same messages held, the
+same `count` and the same `has_user`. A replay or a reconcile is built aside by the same
+upserts as live messages and then adopted whole, so what pruning saw on the way (a user
+message too old to be held, ids of roles never sent) is not lost. That matters because
+`has_user` is the uploader's guard: a snapshot is uploaded only while agentapi's
+conversation has a user message, held or pruned, and every path that removes messages
+(a replay, the reconcile, a role that changed) keeps it exact.
 """
 
 from __future__ import annotations
@@ -135,10 +144,11 @@ class Conversation:
     """The latest known state of agentapi's conversation. Single event loop, no locks.
 
     Owns the messages by id (pruned to what a snapshot of `retain_chars` bytes can still
-    use; see the module docstring), the agent's status, whether the follower is connected,
-    and `changed`, a Pulse notified on every change; `version` is its version. Every
-    operation costs at most a step per message held, which is bounded. Raises nothing;
-    holds no tasks.
+    use; see the module docstring), what it knows of the messages pruned (`count`,
+    `has_user`), the agent's status, whether the follower is connected, and `changed`, a
+    Pulse notified on every change; `version` is its version. Every operation costs at
+    most a step per message held, which is bounded, or per message given to it. Raises
+    nothing; holds no tasks.
     """
 
     def __init__(self, retain_chars: int,
@@ -150,8 +160,9 @@ class Conversation:
         self._ids: list[int] = []  # the keys of _messages, ascending
         self._fixed_chars = 0  # characters of the messages held, all but the last
         self._floor = 0  # ids below this were pruned
+        self._users = 0  # messages held whose role is user
+        self._pruned_user = False  # a user message was pruned; agentapi still has it
         self.count = 0  # ids agentapi has used (its highest id + 1), pruned ones included
-        self.has_user = False  # any user message, pruned ones included
         self.status: Status | None = None
         self.connected = False  # the follower has agentapi's current state
         self.changed = Pulse()
@@ -172,6 +183,15 @@ class Conversation:
     def last_id(self) -> int | None:
         """The newest id held, or None when nothing is."""
         return self._ids[-1] if self._ids else None
+
+    @property
+    def has_user(self) -> bool:
+        """Whether agentapi's conversation has a user message: one held, or one pruned
+        (still in agentapi's history, only too old for a snapshot). Without one the
+        conversation is a fresh or restarted agent's, and a snapshot of it would replace
+        the history users see (DESIGN.md, "What never goes up"): the uploader and the sink
+        read this and nothing else for that rule."""
+        return self._users > 0 or self._pruned_user
 
     @property
     def version(self) -> int:
@@ -205,7 +225,7 @@ class Conversation:
             message = dataclasses.replace(message, time=old.time)
         if old == message:
             return changed
-        self.has_user = self.has_user or message.role == "user"
+        self._users += (message.role == "user") - (old is not None and old.role == "user")
         if old is not None:
             if message.id != self._ids[-1]:
                 self._fixed_chars += len(message.content) - len(old.content)
@@ -236,43 +256,74 @@ class Conversation:
             self._bump()
 
     def replace(self, messages: Iterable[Message], status: Status | None) -> None:
-        """Rebuild from a full replay: nothing merged, nothing stale, nothing doubled."""
+        """Rebuild from agentapi's whole list (a poll of GET /messages): nothing merged,
+        nothing stale, nothing doubled, and the same model as the same messages arriving
+        live, pruned ones included in `count` and `has_user`."""
         fresh = Conversation(self.retain_chars, self._clock)
         for message in messages:
-            old = self._messages.get(message.id)
-            if old is not None and message.time_replaced and old.time_replaced:
-                message = dataclasses.replace(message, time=old.time)
             fresh._store(message)
-        changed = fresh._messages != self._messages or fresh.count != self.count
-        self._messages = fresh._messages
-        self._ids = fresh._ids
-        self._fixed_chars = fresh._fixed_chars
-        self._floor = fresh._floor
-        self.count = fresh.count
-        self.has_user = fresh.has_user
+        self.adopt(fresh, status)
+
+    def adopt(self, replay: Conversation, status: Status | None) -> None:
+        """Become `replay`: a model built aside, by upserts, from a full replay of
+        agentapi's conversation (every connect to /events sends one). Its messages, `count`
+        and `has_user` are taken as they are, so a user message it pruned still counts.
+        A time agentapi sent unusable keeps the time first given to it, so that a replay
+        of the same state is not a change. `replay` must have this `retain_chars`, and is
+        consumed: it must not be used afterwards."""
+        for id_, message in replay._messages.items():
+            old = self._messages.get(id_)
+            if (old is not None and message.time_replaced and old.time_replaced
+                    and message.time != old.time):
+                replay._messages[id_] = dataclasses.replace(message, time=old.time)
+        changed = (replay._messages != self._messages or replay.count != self.count
+                   or replay.has_user != self.has_user)
+        self._messages = replay._messages
+        self._ids = replay._ids
+        self._fixed_chars = replay._fixed_chars
+        self._floor = replay._floor
+        self._users = replay._users
+        self._pruned_user = replay._pruned_user
+        self.count = replay.count
         if status is not None:
             self.set_status(status)
         if changed:
             self._bump()
 
-    def reconcile(self, present: Iterable[int], upto: int) -> list[int]:
-        """Drop the messages agentapi no longer has: every held id up to `upto` that is
-        not in `present`, agentapi's full list of ids (GET /messages) read after each id up
-        to `upto` was known to exist. Ids above `upto` may be newer than that list and are
-        kept. Returns the ids dropped. This is how an ACP placeholder removed without an
-        event goes."""
-        keep = set(present)
-        gone = [i for i in self._ids if i <= upto and i not in keep]
-        for id_ in gone:
-            self._remove(id_)
-        if gone:
-            self._bump()
+    def reconcile(self, listed: Conversation, covered: int) -> list[int] | None:
+        """Bring the ids below `covered` in line with agentapi's own list of them.
+
+        `covered` is `count` as it was when GET /messages was sent: every id below it
+        existed in agentapi before it answered. `listed` is a model built by upserts from
+        that answer's messages with ids below `covered`. Ids from `covered` up may be
+        newer than the answer; the ones held are kept. The result is the model that
+        agentapi's list followed by those newer messages would have built arriving live:
+        a message agentapi no longer has is gone (an ACP failed prompt's placeholder,
+        removed without an event), and `has_user` and `count` follow. So an answer of
+        `[]` (agentapi restarted) leaves no user message, and nothing can be uploaded over
+        the history coderd holds. `listed` is consumed.
+
+        Returns the held ids agentapi no longer has; or None, and nothing changes, when
+        the answer is too old to apply: messages that arrived meanwhile pruned ids from
+        `covered` up, which it says nothing about.
+        """
+        if self._floor > covered:
+            return None
+        gone = [i for i in self._ids
+                if i < covered and i not in listed._messages and i >= listed._floor]
+        for id_ in self._ids:
+            if id_ >= covered:
+                listed._store(self._messages[id_])
+        if self.count > covered:
+            listed.count = max(listed.count, self.count)  # ids seen after the answer
+        self.adopt(listed, None)
         return gone
 
     def _remove(self, id_: int) -> bool:
         message = self._messages.pop(id_, None)
         if message is None:
             return False
+        self._users -= message.role == "user"
         index = bisect.bisect_left(self._ids, id_)
         del self._ids[index]
         if index < len(self._ids):
@@ -293,6 +344,9 @@ class Conversation:
             del self._ids[0]
             self._fixed_chars -= len(first.content)
             self._floor = max(self._floor, first.id + 1)
+            if first.role == "user":
+                self._users -= 1
+                self._pruned_user = True
 
     def _bump(self) -> None:
         self.changed_at = self._clock()
