@@ -437,9 +437,11 @@ async def test_a_refused_stream_body_is_read_with_a_cap(body: str) -> None:
     assert (client.state.last_error or "").startswith("AgentAPIError: GET /events answered 503")
 
 
-async def test_json_nested_too_deeply_is_invalid_not_a_crash(agent: FakeAgentAPI) -> None:
-    """An event or a /messages body nested 100 000 deep is invalid JSON to the follower;
-    it neither dies of RecursionError nor reconnects."""
+async def test_json_nested_too_deeply_is_invalid_not_a_crash(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """An event, or an element of /messages, nested 100 000 deep is invalid JSON to the
+    follower: it is dropped; the follower neither dies of RecursionError nor reconnects."""
     deep = "[" * 100_000 + "]" * 100_000
     async with following(agent.url) as (client, conv):
         await until(lambda: conv.connected, wake=conv.changed.wait)
@@ -453,7 +455,101 @@ async def test_json_nested_too_deeply_is_invalid_not_a_crash(agent: FakeAgentAPI
 
     async with serving(web.get("/messages", nested)) as url, \
             aiohttp.ClientSession() as session:
-        with pytest.raises(AgentAPIError, match="invalid JSON"):
+        assert await client_for(session, url).messages(65536) == []
+    [dropped] = [json.loads(x) for x in log_output.getvalue().splitlines()
+                 if "agentapi_messages_dropped" in x]
+    assert dropped["reasons"] == {"invalid JSON": 1}
+
+
+MESSAGE_TIME = "2026-04-10T12:34:56Z"
+POISONS: dict[str, str] = {
+    "id of 5 000 digits": '{"id":' + "7" * 5000 + ',"content":"p","role":"user","time":"t"}',
+    "an extra int of 5 000 digits": ('{"id":50,"content":"p","role":"user","time":"t","n":'
+                                     + "7" * 5000 + "}"),
+    "an extra field nested 100 000 deep": ('{"id":51,"content":"p","role":"user","x":'
+                                           + "[" * 100_000 + "]" * 100_000 + "}"),
+    "id as a string": '{"id":"52","content":"p","role":"user","time":"t"}',
+    "id NaN": '{"id":NaN,"content":"p","role":"user","time":"t"}',
+    "content a number": '{"id":53,"content":5,"role":"user","time":"t"}',
+    "an array": "[1,2,3]",
+    "a string with brackets": '"]}{[,"',
+    "broken JSON": '{"id":54,"content":"p",,}',
+    "larger than max_event_bytes": ('{"id":55,"content":"' + "x" * 70_000
+                                    + '","role":"agent","time":"t"}'),
+}
+
+
+def messages_body(*elements: str) -> str:
+    return '{"$schema":"http://localhost/schemas/M.json","messages":[' + ",".join(elements) + "]}"
+
+
+def good_message(id_: int, role: str = "agent") -> str:
+    return json.dumps({"id": id_, "content": f"m{id_}", "role": role, "time": MESSAGE_TIME})
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+async def test_one_bad_element_of_messages_is_dropped_alone(
+    poison: str, log_output: io.StringIO,
+) -> None:
+    """An element of /messages that cannot be used, whatever is wrong with it (a huge int,
+    deep nesting, a wrong type, not an object, broken, too large), is dropped with a
+    warning naming why; the messages before and after it are kept."""
+    body = messages_body(good_message(0, "user"), good_message(1), POISONS[poison],
+                         good_message(2))
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        client = client_for(session, url, max_event_bytes=65536)
+        assert [m.id for m in await client.messages(65536)] == [0, 1, 2]
+    [dropped] = [json.loads(x) for x in log_output.getvalue().splitlines()
+                 if "agentapi_messages_dropped" in x]
+    assert dropped["count"] == 1
+
+
+async def test_polling_follows_the_good_messages_around_poison_ones(
+    log_output: io.StringIO,
+) -> None:
+    """In the polling fallback, five valid messages among every kind of poison element are
+    followed: the model holds the five, and stays connected."""
+    body = messages_body(good_message(0, "user"), *POISONS.values(),
+                         *(good_message(i) for i in range(1, 5)))
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"status": "stable"})
+
+    routes = [web.get("/messages", answer), web.get("/status", status)]
+    async with serving(*routes) as url, \
+            following(url, max_event_bytes=65536) as (client, conv):
+        await until(lambda: conv.connected, wake=conv.changed.wait)
+        assert client.state.mode == "polling"
+        assert [m.id for m in conv.messages()] == [0, 1, 2, 3, 4]
+        assert conv.has_user
+    dropped = [json.loads(x) for x in log_output.getvalue().splitlines()
+               if "agentapi_messages_dropped" in x]
+    assert dropped[0]["count"] == len(POISONS)
+
+
+@pytest.mark.parametrize("body", [
+    '{"messages":[{"id":0,"content":"a","role":"user","time":"t"}',
+    '{"messages":{"id":0}}',
+    "[]",
+    "null",
+])
+async def test_a_body_without_a_whole_messages_list_is_an_error(body: str) -> None:
+    """A /messages body that is cut inside the list, has no list, or is not an object is
+    an AgentAPIError saying so: nothing of it is used."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        with pytest.raises(AgentAPIError, match="without a messages list"):
             await client_for(session, url).messages(65536)
 
 

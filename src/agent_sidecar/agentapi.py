@@ -24,7 +24,15 @@ What agentapi sends is bounded (issue 15): response bodies by a cap after decomp
 (bodies.py; /messages by `max_agentapi_response_bytes`), SSE events by `max_event_bytes`, and
 redirects are followed only within agentapi's own origin (issue 10): agentapi's API paths
 never redirect (only `/` does, to its chat UI), so a redirect elsewhere is refused and
-named, never followed to another host.
+named, never followed to another host. An event stream is never decompressed: agentapi
+writes it as plain text, so one with a Content-Encoding is refused.
+
+GET /messages is read as it arrives: its `messages` array is split into elements
+(jsonarray.py) and each is parsed on its own, so one bad element (an id past Python's
+int digit limit, a field nested 100 000 deep, a wrong type, one larger than
+`max_event_bytes`) is dropped with a warning and the others are kept. The whole body is
+never held: what the reader keeps is one element and whatever its caller keeps of the
+messages (the follower: a pruned model).
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ from yarl import URL
 
 from agent_sidecar import logs, neterrors
 from agent_sidecar.aio import Backoff, Pulse
-from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, read_capped
+from agent_sidecar.bodies import IDENTITY, BodyError, BodyTooLarge, iter_capped, read_capped
 from agent_sidecar.config import Settings
 from agent_sidecar.conversation import MAX_ID, Conversation, Message, Status, make_message
+from agent_sidecar.jsonarray import ArraySplitter, NoArray, TooLarge
 from agent_sidecar.sse import Decoder, Event, Oversized
 
 log = logs.get("agentapi")
@@ -184,6 +193,36 @@ def _loads(body: bytes | str) -> Any:
         return json.loads(body)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _element(element: bytes | TooLarge, retain_chars: int,
+             dropped: dict[str, int]) -> Message | None:
+    """One element of /messages as a Message, or None with the reason counted in
+    `dropped` (fixed texts, never the peer's)."""
+    if isinstance(element, TooLarge):
+        reason = "larger than max_event_bytes"
+    else:
+        try:
+            data = _loads(element.decode("utf-8", "replace"))
+        except ValueError:  # the int digit limit and nesting too deep included
+            reason = "invalid JSON"
+        else:
+            try:
+                if not isinstance(data, dict):
+                    raise BadMessage("not an object")
+                return parse_message(data, "content", retain_chars)
+            except BadMessage as exc:
+                reason = str(exc)
+    dropped[reason] = dropped.get(reason, 0) + 1
+    return None
+
+
+def _below(limit: int, each: Callable[[Message], None]) -> Callable[[Message], None]:
+    """`each`, for the messages whose id is below `limit` only."""
+    def take(message: Message) -> None:
+        if message.id < limit:
+            each(message)
+    return take
 
 
 def problem_detail(body: bytes) -> str:
@@ -341,35 +380,71 @@ class AgentAPI:
             raise AgentAPIError(f"GET {path} answered with invalid JSON") from exc
 
     async def messages(self, retain_chars: int) -> list[Message]:
-        """GET /messages, each content cut to its last `retain_chars` characters.
-
-        A message coderd could not take is dropped with a warning; one whose time is
-        unusable is kept with the time it was read (see conversation.go_time).
-        """
-        data = await self._get_json("/messages", self.settings.max_agentapi_response_bytes,
-                                   "max_agentapi_response_bytes")
-        raw = data.get("messages") if isinstance(data, dict) else None
-        if not isinstance(raw, list):
-            raise AgentAPIError("GET /messages answered without a messages list")
+        """GET /messages: every message agentapi lists that can be used, in its order,
+        each content cut to its last `retain_chars` characters. Raises as read_messages."""
         out: list[Message] = []
-        dropped = replaced = 0
-        for item in raw:
+        await self.read_messages(retain_chars, out.append)
+        return out
+
+    async def read_messages(self, retain_chars: int, each: Callable[[Message], None]) -> None:
+        """GET /messages, read as it arrives: `each` gets every usable message in order,
+        its content cut to its last `retain_chars` characters.
+
+        An element that cannot be used is dropped and counted in one warning per answer
+        (`agentapi_messages_dropped`): invalid JSON (ints past Python's digit limit and
+        nesting too deep included), larger than `max_event_bytes`, not an object, or a
+        message coderd could not take (parse_message). One whose time is unusable is kept
+        with the time it was read (see conversation.go_time). The loop gets a turn after
+        every piece of the body, so a long answer delays nothing else.
+
+        Raises AgentAPIUnavailable (no answer, or the body was cut or not finished within
+        agentapi_timeout_s), AgentAPIBusy (no answer in time while agentapi holds its
+        lock), or AgentAPIError (not 200, a body over `max_agentapi_response_bytes`
+        decoded, a redirect elsewhere, a body that is not an object with a `messages`
+        array). `each` may have had messages before a raise: a caller that must not keep
+        half an answer builds aside and adopts only on success.
+        """
+        path, cap = "/messages", self.settings.max_agentapi_response_bytes
+        splitter = ArraySplitter("messages", self.settings.max_event_bytes)
+        dropped: dict[str, int] = {}
+        replaced = 0
+        async with self._get(path, wait_s=self._answer_wait_s()) as resp:
             try:
-                if not isinstance(item, dict):
-                    raise BadMessage("not an object")
-                message = parse_message(item, "content", retain_chars)
-            except BadMessage:
-                dropped += 1
-                continue
-            replaced += message.time_replaced
-            out.append(message)
+                async with asyncio.timeout(self.settings.agentapi_timeout_s):
+                    if resp.status != 200:
+                        body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
+                        raise AgentAPIError(f"GET {path} answered {resp.status}", resp.status,
+                                            problem_detail(body))
+                    async for piece in iter_capped(resp, cap):
+                        for element in splitter.feed(piece):
+                            message = _element(element, retain_chars, dropped)
+                            if message is not None:
+                                replaced += message.time_replaced
+                                each(message)
+                        await asyncio.sleep(0)  # between pieces, the loop runs
+                    splitter.close()
+            except TimeoutError:
+                raise AgentAPIUnavailable(
+                    f"agentapi at {self.url} did not finish the body of GET {path} within "
+                    f"{self.settings.agentapi_timeout_s:g}s") from None
+            except BodyTooLarge as exc:
+                raise AgentAPIError(f"GET {path} answered more than {exc.cap} bytes "
+                                    "(max_agentapi_response_bytes)") from None
+            except NoArray as exc:
+                raise AgentAPIError(f"GET {path} answered without a messages list: {exc}"
+                                    ) from None
+            except BodyError as exc:
+                raise AgentAPIError(f"GET {path}: {exc}") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise AgentAPIUnavailable(
+                    f"agentapi at {self.url} cut the body of GET {path}: "
+                    f"{neterrors.describe(exc)}") from exc
         if dropped:
-            log.warning("agentapi_messages_dropped", error="messages coderd could not take",
-                        count=dropped)
+            log.warning("agentapi_messages_dropped", count=sum(dropped.values()),
+                        reasons=dropped)
         if replaced:
             log.warning("agentapi_time_replaced", error="time is not RFC 3339 as coderd reads it",
                         count=replaced)
-        return out
 
     async def status_info(self) -> StatusInfo:
         """GET /status of any agentapi version: status, transport and agent type."""
@@ -532,8 +607,11 @@ class AgentAPI:
             try:
                 info = await self.status_info()
                 self._learn(info)
-                messages = await self.messages(conversation.retain_chars)
-                conversation.replace(messages, info.status)
+                # Built aside and adopted whole (Conversation.adopt): memory stays what the
+                # model holds, however long the history, and a failed read changes nothing.
+                polled = Conversation(conversation.retain_chars)
+                await self.read_messages(conversation.retain_chars, polled.upsert)
+                conversation.adopt(polled, info.status)
                 conversation.set_connected(True)
                 self.state.last_error = None
                 busy_logged = False
@@ -667,15 +745,12 @@ class _Following:
             covered = live.count
             if not covered:
                 continue
+            listed = Conversation(live.retain_chars)
             try:
-                messages = await client.messages(live.retain_chars)
+                await client.read_messages(live.retain_chars, _below(covered, listed.upsert))
             except (AgentAPIError, AgentAPIUnavailable) as exc:
                 log.info("agentapi_reconcile_failed", error=str(exc))
                 continue
-            listed = Conversation(live.retain_chars)
-            for message in messages:
-                if message.id < covered:
-                    listed.upsert(message)
             had_user = live.has_user
             gone = live.reconcile(listed, covered)
             if gone is None:
