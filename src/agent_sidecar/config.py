@@ -216,13 +216,23 @@ class Settings(BaseSettings):
         1, gt=0, le=600,
         description="polling period when agentapi has no /events",
     )
+    # One agentapi message is at most one screen: about 80 000 characters (the registry
+    # module runs --term-width 67 --term-height 1190), so at most ~0.5 MB even if every
+    # character were JSON-escaped as \uXXXX. Parsing one holds about 8 times its size
+    # while its text has a character outside the BMP (str widens to 4 bytes a character),
+    # so this cap is also what bounds the peak: see deploy/kubernetes-pod.yaml.
     max_event_bytes: int = Field(
-        32 * 1024 * 1024, ge=65536,
-        description="larger SSE events (or lines) from agentapi are dropped as they arrive",
+        2 * 1024 * 1024, ge=65536,
+        description="larger SSE events (or lines), and larger elements of GET /messages, "
+        "from agentapi are dropped as they arrive; parsing one holds several times this",
     )
+    # GET /messages is agentapi's whole history (about 100 full screens at 8 MiB). It is
+    # read element by element; only callers that keep every message (send --reply,
+    # snapshot) hold memory in proportion to it, up to 4 bytes a character.
     max_agentapi_response_bytes: int = Field(
-        32 * 1024 * 1024, ge=65536,
-        description="cap on one agentapi response body (GET /messages), decompressed",
+        8 * 1024 * 1024, ge=65536,
+        description="cap on one agentapi response body (GET /messages: the whole "
+        "history), decompressed; a larger one is refused",
     )
     agentapi_timeout_s: float = Field(
         10, gt=0, le=300,

@@ -246,7 +246,8 @@ class ArraySplitter:
         if skipped is not None:
             out.append(TooLarge(skipped))
         elif start is not None:
-            item = bytes(self._buf[start:end]).strip(b" \t\r\n")
+            with memoryview(self._buf) as view:  # one copy, not a slice and then bytes()
+                item = bytes(view[start:end]).strip(b" \t\r\n")
             if len(item) > self.max_element_bytes:
                 out.append(TooLarge(len(item)))
             elif item or self._buf[end] == 0x2C:  # `[]` and `[ ]` hold no element

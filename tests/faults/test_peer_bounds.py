@@ -1,5 +1,6 @@
 """Fault injection: what an agentapi sends cannot grow the real `agent-sidecar run` process
-(issue 15, items 5 and 6). Memory is measured as the growth of peak RSS (VmHWM)."""
+(issue 15, items 5 and 6), and at the default caps its worst case fits the pod example's
+memory limit. Memory is measured as peak RSS (VmHWM)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from standins import FakeAgentAPI, sse_event, wait_for_file
 
+from agent_sidecar.config import Settings
 from agent_sidecar.conversation import make_message
 from agent_sidecar.simulator import SimMessage, serve_loopback
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, pack
@@ -111,3 +115,63 @@ async def test_30000_messages_never_sent_do_not_grow_memory(short_dir: Path) -> 
         peak = process.peak_rss_kib()
     print(f"peak RSS: {before} KiB before 30 000 unsent messages, {peak} KiB after")
     assert peak - before < 20 * 1024, (before, peak)
+
+
+POD = Path(__file__).parents[2] / "deploy" / "kubernetes-pod.yaml"
+ASTRAL = "\U0001f600"  # one character outside the BMP makes Python hold 4 bytes a character
+
+
+def pod_memory_limit_kib() -> int:
+    """The agent-sidecar container's memory limit in the pod example, KiB."""
+    pod = yaml.safe_load(POD.read_text())
+    [container] = [c for c in pod["spec"]["containers"] if c["name"] == "agent-sidecar"]
+    limit = str(container["resources"]["limits"]["memory"])
+    assert limit.endswith("Mi"), limit
+    return int(limit[:-2]) * 1024
+
+
+async def test_the_worst_case_at_the_default_caps_fits_the_pod_limit(short_dir: Path) -> None:
+    """At the default caps, the largest event that is kept (its text with an emoji) grows
+    peak RSS by at most 10x max_event_bytes; `send --reply` reading a /messages as large as
+    max_agentapi_response_bytes, of messages that large, by at most 4x that cap (the list
+    it keeps) plus 16x max_event_bytes (one element parsed, and the heap fragmentation of
+    many); and that peak, plus one more event parsed meanwhile, stays within 80% of the
+    pod example's memory limit."""
+    defaults = Settings.model_fields
+    event_cap = int(defaults["max_event_bytes"].default)
+    body_cap = int(defaults["max_agentapi_response_bytes"].default)
+    sink = short_dir / "sink"
+    sink.mkdir()
+    env = env_for(short_dir, AGENT_SIDECAR_SINK_DIR=str(sink), AGENT_SIDECAR_SETTLE_S="0",
+                  AGENT_SIDECAR_LOG_LEVEL="info")
+    # Four texts as large as both caps allow: the SSE event of one adds ~120 bytes of JSON
+    # and writes the emoji as a 12-byte escape; /messages then holds the four and a turn.
+    size = min(event_cap, (body_cap - 16000) // 4) - 400
+    one = "x" * size + ASTRAL
+    more = "y" * size + ASTRAL
+    async with FakeAgentAPI(chunk_delay_s=0.01, stable_after_s=0.05) as agent, \
+            sidecar(agent, env) as process:
+        agent.add_message("user", "hello")
+        await wait_for_file(sink / "local.json", agent.packed(), 30)
+        baseline = process.peak_rss_kib()
+        agent.add_message("agent", one)
+        await wait_for_file(sink / "local.json", agent.packed(), 30)
+        after_event = process.peak_rss_kib()
+        assert not process.events("agentapi_event_too_large")
+        for _ in range(3):
+            agent.add_message("agent", more)
+        await wait_for_file(sink / "local.json", agent.packed(), 30)
+        connector = aiohttp.UnixConnector(path=env["AGENT_SIDECAR_SOCKET"])
+        async with aiohttp.ClientSession(connector=connector) as http, http.post(
+                "http://sidecar/send",
+                json={"input": "hi", "type": "user", "reply": True, "wait_s": 30}) as resp:
+            assert resp.status == 200, await resp.text()
+        after_reply = process.peak_rss_kib()
+        assert not process.events("relay_reply_from_view")  # it did read /messages
+    limit = pod_memory_limit_kib()
+    print(f"VmHWM: {baseline} KiB following; {after_event} KiB after a {event_cap}-byte "
+          f"event; {after_reply} KiB after --reply read a {body_cap}-byte /messages; "
+          f"pod limit {limit} KiB")
+    assert after_event - baseline < 10 * event_cap // 1024, (baseline, after_event)
+    assert after_reply - baseline < (4 * body_cap + 16 * event_cap) // 1024, after_reply
+    assert after_reply + 8 * event_cap // 1024 < 0.8 * limit, (after_reply, limit)
