@@ -576,9 +576,10 @@ class AgentAPI:
                 # agentapi writes its stream as plain text (huma's sse package) and we ask
                 # for identity: a compressed stream is not agentapi's, and inflating it
                 # costs up to ~1000 bytes of decoding per byte received.
+                shown = logs.clip(coding, 40)
                 raise AgentAPIError(
-                    f"GET /events answered with Content-Encoding {coding[:40]!r}; agentapi "
-                    "never compresses its event stream, so it is refused")
+                    f"GET /events answered with Content-Encoding {shown!r}; agentapi never "
+                    "compresses its event stream, so it is refused")
             follower = _Following(self, conversation)
             follower.start()
             try:
