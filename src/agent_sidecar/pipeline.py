@@ -86,6 +86,11 @@ class Pipeline:
                  on_snapshot: Callable[[Packed, str], None] | None = None) -> None:
         self.settings = settings
         self.started = time.monotonic()
+        # The relay's answers and the logs mask the configured URLs' passwords, also when
+        # serve() is embedded without main()'s logging set-up (the token is registered by
+        # the TokenSource, as it reads each one).
+        for url in (settings.coder_url, settings.agentapi_url):
+            logs.redactor.add_url(url)
         self.metrics = Metrics()
         # A snapshot never holds more characters than coderd's byte limit.
         self.conversation = Conversation(CODERD_MAX_BODY_BYTES)
@@ -136,7 +141,8 @@ class Pipeline:
     # -- what the relay serves -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """GET /status: what every component is doing. Never holds the token."""
+        """GET /status: what every component is doing. Never holds the token; peers' texts
+        in it (errors, outcomes) are scrubbed by the relay as it answers."""
         up = self.uploader
         last = (datetime.fromtimestamp(up.last_success_unix, UTC).isoformat()
                 if up.last_success_unix else None)
