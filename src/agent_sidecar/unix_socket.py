@@ -27,14 +27,16 @@ class RelayError(Exception):
 
 
 def bind_unix(path: Path) -> socket.socket:
-    """Bind a private listening socket at `path`, replacing a stale one, never a live one."""
+    """Bind a private listening socket at `path`, replacing a stale one, never a live one.
+    In the per-uid directory it is bound within the directory verified (see
+    paths.ensure_private_dir), however `path` spells it."""
+    try:
+        path = Path(paths.ensure_private_dir(str(path)))  # the per-uid directory: ours, 0700
+    except paths.UnsafeDirectory as exc:
+        raise RelayError(str(exc)) from None
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise RelayError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
                          "choose a shorter --socket")
-    try:
-        paths.ensure_private_dir(str(path))  # the per-uid default directory: ours, 0700
-    except paths.UnsafeDirectory as exc:
-        raise RelayError(str(exc)) from None
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True)
