@@ -87,6 +87,62 @@ async def test_config_passes_what_is_only_in_use(short_dir: Path) -> None:
         metrics.close()
 
 
+# -- the agent token ------------------------------------------------------------------------
+
+TOKEN = "5b0e7a3c-1f2d-4e6a-9b8c-7d6e5f4a3b2c"
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+@pytest.mark.parametrize(("token", "what"), [
+    (f"{TOKEN[:8]}\t{TOKEN[8:]}", "a control character (U+0009)"),
+    (f"{TOKEN}\x1c", "a control character (U+001C)"),
+    (f"{TOKEN}\x85", "a control character (U+0085)"),
+    (f"{TOKEN}\u00a0", "a character outside ASCII (U+00A0)"),
+    (f"\u00a0{TOKEN}", "a character outside ASCII (U+00A0)"),
+])
+async def test_a_token_with_anything_but_printable_ascii_is_refused(
+    short_dir: Path, source: str, token: str, what: str,
+) -> None:
+    """A tab inside the token, or a character Python's strip() would drop silently (\\x1c,
+    \\x85, NBSP) around it: `config` and `run` exit 2 with one line naming the setting and
+    its source, never the value."""
+    env = {"CODER_AGENT_URL": "https://coder.example.com/",
+           "AGENT_SIDECAR_TASK_ID": "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70",
+           "AGENT_SIDECAR_SOCKET": str(short_dir / "s")}
+    if source == "env":
+        env["CODER_AGENT_TOKEN"] = token
+        where = "invalid coder_token (from env CODER_AGENT_TOKEN): "
+    else:
+        path = short_dir / "token"
+        path.write_text(token + "\n", encoding="utf-8")
+        env["CODER_AGENT_TOKEN_FILE"] = str(path)
+        where = f"coder_token_file {path} (from env CODER_AGENT_TOKEN_FILE): "
+    configured, ran = await config_and_run(**env)
+    assert (configured.returncode, ran.returncode) == (2, 2), configured.stderr + ran.stderr
+    [line] = configured.stderr.splitlines()
+    assert line.startswith(f"agent-sidecar: {where}holds {what}"), line
+    assert refusals(ran.stderr)[-1].endswith(line.removeprefix("agent-sidecar: "))
+    assert TOKEN[:8] not in configured.stderr + ran.stderr
+    assert TOKEN[-8:] not in configured.stderr + ran.stderr
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+async def test_ascii_whitespace_around_the_token_is_dropped(short_dir: Path,
+                                                           source: str) -> None:
+    """Spaces, tabs, CR, LF, VT and FF around the token are not part of it: `config` passes."""
+    token = f" \t\x0b\x0c{TOKEN}\r\n \t"
+    env = {"CODER_AGENT_URL": "https://coder.example.com/",
+           "AGENT_SIDECAR_TASK_ID": "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70",
+           "AGENT_SIDECAR_SOCKET": str(short_dir / "s")}
+    if source == "env":
+        env["CODER_AGENT_TOKEN"] = token
+    else:
+        (short_dir / "token").write_text(token, encoding="utf-8")
+        env["CODER_AGENT_TOKEN_FILE"] = str(short_dir / "token")
+    configured = await asyncio.to_thread(run_cli, "config", **env)
+    assert configured.returncode == 0, configured.stderr
+
+
 # -- how a refusal is said ------------------------------------------------------------------
 
 
