@@ -24,6 +24,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def refusals(stderr: str) -> list[str]:
+    """Why `run` refused to start, one entry per line it wrote: the `error` of a JSON line
+    (its refusals follow the log format), a plain line without its `agent-sidecar: `."""
+    out = []
+    for line in stderr.splitlines():
+        try:
+            out.append(str(json.loads(line)["error"]))
+        except (ValueError, KeyError, TypeError):
+            out.append(line.removeprefix("agent-sidecar: "))
+    return out
+
+
 class Sidecar:
     """`agent-sidecar run` as a child process; its log lines are parsed as they arrive."""
 

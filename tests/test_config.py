@@ -12,6 +12,8 @@ import pytest
 from agent_sidecar import config
 from agent_sidecar.config import ConfigError
 
+from .sidecar import refusals
+
 TASK = "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
 
 
@@ -196,8 +198,8 @@ def test_cli_exits_2_with_one_line_on_bad_config(tmp_path: Path) -> None:
     env["AGENT_SIDECAR_SOCKET"] = str(tmp_path / "s.sock")
     proc = run_cli("run", "--task-id", "nope", env=env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "agent-sidecar: invalid task_id (from flag --task-id): must be a UUID, like "
+    assert refusals(proc.stderr) == [
+        "invalid task_id (from flag --task-id): must be a UUID, like "
         "0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70; expected: Coder task id (a UUID); unset means "
         "no uploads"
     ]

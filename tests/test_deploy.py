@@ -24,7 +24,7 @@ from agent_sidecar.config import Settings
 from agent_sidecar.sdnotify import Notifier
 
 from .conftest import Datagrams
-from .sidecar import Sidecar, clean_env
+from .sidecar import Sidecar, clean_env, refusals
 from .test_daemon import serving, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -388,9 +388,9 @@ async def test_an_unreadable_token_file_is_a_startup_error(short_dir: Path) -> N
         subprocess.run, [sys.executable, "-m", "agent_sidecar", "run"], capture_output=True,
         text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        f"agent-sidecar: cannot start: coder_token_file {short_dir / 'missing'} (from env "
-        "CODER_AGENT_TOKEN_FILE): cannot be read: No such file or directory")
+    assert refusals(proc.stderr) == [
+        f"cannot start: coder_token_file {short_dir / 'missing'} (from env "
+        "CODER_AGENT_TOKEN_FILE): cannot be read: No such file or directory"]
 
 
 

@@ -154,3 +154,56 @@ def test_other_directories_are_the_users_choice(short_dir: Path) -> None:
     shared.chmod(0o755)
     bind_unix(shared / "s.sock").close()
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("spelling", ["{t}/", "{t}//", "{t}/.", "{t}/./", "{t}/../{name}",
+                                      "{t}/sub/..", "{link}"])
+def test_every_spelling_of_tmpdir_is_verified(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, spelling: str,
+) -> None:
+    """However TMPDIR spells the directory (slashes, `.`, `..`, a symlink to it), the per-uid
+    directory in it is verified: a symlink planted there is refused by `run` and a dry run."""
+    (short_dir / "sub").mkdir()
+    (short_dir.parent / f"{short_dir.name}-link").symlink_to(short_dir)
+    try:
+        tmpdir = spelling.format(t=short_dir, name=short_dir.name,
+                                 link=f"{short_dir}-link")
+        monkeypatch.setenv("TMPDIR", tmpdir)
+        target = short_dir / "elsewhere"
+        target.mkdir(mode=0o700)
+        (short_dir / f"agent-sidecar-{UID}").symlink_to(target)
+        # As the settings spell it (pathlib drops "//" and "."), and as the clients do.
+        for socket in (str(config.load().settings.socket), paths.default_socket_path()):
+            with pytest.raises(paths.UnsafeDirectory, match="is a symlink"):
+                paths.ensure_private_dir(socket, create=False)
+            with pytest.raises(RelayError, match="is a symlink"):
+                bind_unix(Path(socket))
+        assert list(target.iterdir()) == []
+    finally:
+        (short_dir.parent / f"{short_dir.name}-link").unlink()
+
+
+def test_the_socket_is_bound_in_the_directory_verified(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With TMPDIR a symlink, the per-uid directory is made, verified and bound in where the
+    symlink leads at the check, so changing it later cannot move the socket elsewhere."""
+    real = short_dir / "real"
+    real.mkdir()
+    link = short_dir / "link"
+    link.symlink_to(real)
+    monkeypatch.setenv("TMPDIR", str(link))
+    socket = Path(paths.default_socket_path())
+    assert paths.ensure_private_dir(str(socket)) == str(
+        real / f"agent-sidecar-{UID}" / "agent-sidecar.sock")
+    bind_unix(socket).close()
+    assert stat.S_ISSOCK((real / f"agent-sidecar-{UID}" / "agent-sidecar.sock").lstat().st_mode)
+    assert stat.S_IMODE((real / f"agent-sidecar-{UID}").lstat().st_mode) == 0o700
+
+
+def test_other_directories_come_back_as_they_are(short_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket outside the per-uid directory is neither verified nor moved."""
+    monkeypatch.setenv("TMPDIR", str(short_dir))
+    socket = f"{short_dir}/other/../x.sock"
+    assert paths.ensure_private_dir(socket, create=False) == socket

@@ -281,7 +281,9 @@ class AgentAPI:
 
     @property
     def url(self) -> str:
-        return str(self._base)
+        """agentapi's base URL as errors, logs and the relay show it: without its user and
+        password (requests still send them)."""
+        return str(self._base.with_user(None))
 
     # -- GETs ----------------------------------------------------------------------------
 
@@ -341,7 +343,7 @@ class AgentAPI:
             target = None
         if not location or target is None or not target.is_absolute():
             raise AgentAPIError(f"GET {path} answered {resp.status} with an unusable Location "
-                                f"{location[:200]!r}", resp.status)
+                                f"{logs.clip(location, 200)!r}", resp.status)
         if not self._same_origin(target):
             raise AgentAPIError(f"GET {path} answered {resp.status}, redirecting to "
                                 f"{_shown(target)}, another host; not followed", resp.status)

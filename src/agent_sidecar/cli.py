@@ -89,6 +89,29 @@ def _width() -> int:
     return columns - 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error of a heavy command (`run` under systemd, say)
+    is said as its other refusals are (see `_say_refused`): with journald's error priority,
+    and as a JSON line when that is the log format. A light command keeps argparse's own
+    lines, so that its usage errors import nothing heavy. `command` is the command argv
+    names (the top-level parser reports unknown arguments of every command)."""
+
+    def __init__(self, *args: Any, command: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def error(self, message: str) -> NoReturn:
+        command = self.command or self.prog.rpartition(" ")[2]
+        if command not in _HEAVY:
+            super().error(message)
+        usage = self.format_usage().rstrip("\n")
+        _say_refused("usage_invalid", [f"{self.prog}: error: {message}"],
+                     _log_format(command, None),
+                     plain=[*usage.splitlines(), f"{self.prog}: error: {message}"],
+                     usage=" ".join(usage.split()))
+        sys.exit(EXIT_CONFIG)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """The top level: its description has paragraphs of its own."""
 
@@ -201,8 +224,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         if parser.prog.rpartition(" ")[2] == command:
             _settings_flags(parser)
 
-    parser = argparse.ArgumentParser(prog="agent-sidecar", description=_DESCRIPTION,
-                                     epilog=_EPILOG, formatter_class=_Formatter)
+    parser = _Parser(prog="agent-sidecar", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=_Formatter, command=command)
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -607,22 +630,88 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 _LIGHT = frozenset({"send", "status", "check"})
+_HEAVY = frozenset(_COMMANDS) - _LIGHT
 
 
-def _refused(exc: Exception) -> int:
-    """Exit code 2 for a bad configuration or a start-up refusal; anything else propagates.
-    Only the heavy commands raise these, so their modules are loaded by then."""
+def _refused(exc: Exception, args: argparse.Namespace) -> int:
+    """Exit code 2 for a bad configuration or a start-up refusal, said by `_say_refused`;
+    anything else propagates. Only the heavy commands raise these, so their modules are
+    loaded by then."""
     from agent_sidecar.config import ConfigError
     from agent_sidecar.daemon import StartupError
 
     if isinstance(exc, ConfigError):
-        for line in str(exc).splitlines():
-            print(f"agent-sidecar: {line}", file=sys.stderr)
+        _say_refused("config_invalid", str(exc).splitlines(), _log_format(args.command, args))
         return EXIT_CONFIG
     if isinstance(exc, StartupError):
-        print(f"agent-sidecar: cannot start: {exc}", file=sys.stderr)
+        _say_refused("start_refused", [f"cannot start: {exc}"],
+                     _log_format(args.command, args))
         return EXIT_CONFIG
     raise exc
+
+
+def _log_format(command: str, args: argparse.Namespace | None) -> str:
+    """The format `command`'s refusal is written in. "json" only for `run` (whose stderr is
+    the log stream; the other commands print for people) when that is its log format, as
+    far as it can be known when the settings themselves may be what is wrong: `log_format`
+    from the flag, the environment, the config file, or the default, by the settings'
+    precedence, with "auto" resolved as logs.configure resolves it. Else "console"."""
+    from agent_sidecar import config
+    from agent_sidecar.config import Settings
+
+    if command != "run":
+        return "console"
+
+    value = getattr(args, "log_format", None)
+    if value is None and (found := config.from_env("log_format")):
+        value = found[1]
+    if value is None:
+        value = _file_value(getattr(args, "config", None) or os.environ.get(config.CONFIG_ENV),
+                            "log_format")
+    if value is None:
+        value = Settings.model_fields["log_format"].default
+    if value == "auto":
+        return "console" if sys.stderr.isatty() else "json"
+    return value if value in ("json", "console") else "console"
+
+
+def _file_value(path: object, name: str) -> object:
+    """`name` in the TOML file at `path`, or None when there is none or it cannot be read
+    (the refusal being written may be about that very file)."""
+    if not path:
+        return None
+    import tomllib
+
+    try:
+        with open(str(path), "rb") as fh:
+            return tomllib.load(fh).get(name)
+    except (OSError, ValueError):
+        return None
+
+
+def _say_refused(event: str, problems: list[str], fmt: str, *,
+                 plain: list[str] | None = None, **fields: str) -> None:
+    """Say on stderr why a heavy command will not go on: one line per problem, as a JSON
+    line like the logs' (`event`, `level`, `timestamp`, `error`, `fields`) when `fmt` is
+    "json", else `agent-sidecar: PROBLEM` (or the lines of `plain`). When stderr is
+    journald's, every line carries the error priority (`<3>`), so `journalctl -p warning`
+    shows why a unit failed. Redacted as log lines are."""
+    from datetime import UTC, datetime
+
+    from agent_sidecar import logs
+
+    if fmt == "json":
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        lines = [json.dumps({"event": event, "level": "error", "timestamp": stamp,
+                             "error": problem, **fields}) for problem in problems]
+        lines = [logs.redactor.scrub_escaped(line) for line in lines]
+    else:
+        lines = plain if plain is not None else [f"agent-sidecar: {p}" for p in problems]
+        lines = [logs.redactor.scrub(line) for line in lines]
+    # logs.py's own test of whether stderr is journald's (JOURNAL_STREAM names its inode).
+    prefix = "<3>" if logs._journald(sys.stderr) else ""
+    for line in lines:
+        print(prefix + line, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -638,5 +727,5 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except Exception as exc:
         if args.command in _LIGHT:
             raise
-        code = _refused(exc)
+        code = _refused(exc, args)
     sys.exit(code)

@@ -101,11 +101,13 @@ class Outcome:
         return self.status is not None and self.content_type is None
 
     def describe(self) -> str:
+        """One line for a log, /status and /healthz: status, content type and the answer's
+        words, redacted (a front may echo the token it was sent, in any shape)."""
         head = f"HTTP {self.status}" if self.status is not None else "no answer"
         if self.status is not None and self.content_type is not None:
             head += f" ({self.content_type or 'no content type'})"
         text = ": ".join(p for p in (self.message, self.detail) if p)
-        return f"{head}: {text}" if text else head
+        return logs.redactor.scrub(f"{head}: {text}" if text else head)
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
@@ -133,14 +135,16 @@ def garbage(value: str, limit: int = 80) -> str:
 
 
 def first_line(body: bytes, content_type: str = "") -> str:
-    """The first line of a body that has text once markup is removed, cut short. The text
-    is decoded by the charset its Content-Type names (UTF-8 when it names none, or one
-    Python does not know); characters that are not printable are dropped."""
+    """The first line of a body that has text once markup is removed, redacted and cut
+    short. The text is decoded by the charset its Content-Type names (UTF-8 when it names
+    none, or one Python does not know); characters that are not printable are dropped."""
     text = body[: _SCANNED_CHARS].decode(_charset(content_type), "replace")
     text = "".join(c if c.isprintable() or c in "\r\n" else " " for c in text)
     for line in text.splitlines():
         words = " ".join(_without_tags(line).split())
         if words:
+            # Redacted whatever its length: a front may echo the token it was sent.
+            words = logs.redactor.scrub(words)
             return words if len(words) <= FIRST_LINE_CHARS else (
                 logs.clip(words, FIRST_LINE_CHARS - 3) + "...")
     return ""

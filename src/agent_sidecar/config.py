@@ -68,23 +68,26 @@ def from_env(name: str) -> tuple[str, str] | None:
 
 
 # What a valid agent token looks like, for error messages (a description, not a secret).
-TOKEN_FORM = "printable ASCII, like the UUID the Coder agent provides; whitespace around it is ignored"  # noqa: E501, S105
+TOKEN_FORM = "printable ASCII, like the UUID the Coder agent provides; spaces, tabs and line ends around it are ignored"  # noqa: E501, S105
+# Only ASCII whitespace is dropped around a token: str.strip() would also drop \x1c-\x1f,
+# \x85 and NBSP, which no token holds, silently, where they must be refused.
+_ASCII_WHITESPACE = " \t\n\r\x0b\x0c"
 
 
 def normalise_token(raw: str) -> str:
-    """The agent token as it goes into a header: surrounding whitespace stripped. Raises
-    ValueError, naming the valid form and never the value, when it is empty or holds a
-    character an HTTP header cannot carry (a control character such as CR or LF, or
-    anything outside ASCII). The environment's token and the file's go through this."""
-    token = raw.strip()
+    """The agent token as it goes into a header: ASCII whitespace around it stripped.
+    Raises ValueError, naming the valid form and never the value, when it is empty or holds
+    anything but printable ASCII (a control character, a tab, CR or LF included, or anything
+    outside ASCII). The environment's token and the file's go through this."""
+    token = raw.strip(_ASCII_WHITESPACE)
     if not token:
         raise ValueError(f"is empty; expected {TOKEN_FORM}")
     for char in token:
-        if not " " <= char <= "~" and char != "\t":
-            what = "a control character" if char < " " or char == "\x7f" else (
+        if not " " <= char <= "~":
+            what = "a control character" if char < " " or "\x7f" <= char <= "\x9f" else (
                 "a character outside ASCII")
-            raise ValueError(f"holds {what} (U+{ord(char):04X}) that an HTTP header cannot "
-                             f"carry; expected {TOKEN_FORM}")
+            raise ValueError(f"holds {what} (U+{ord(char):04X}), which no agent token has; "
+                             f"expected {TOKEN_FORM}")
     return token
 
 

@@ -70,17 +70,39 @@ def socket_path(flag: str | None = None, environ: Mapping[str, str] | None = Non
 
 
 def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,
-                       create: bool = True) -> None:
-    """If `socket` is in the per-uid directory, create that 0700 and verify it is ours.
+                       create: bool = True) -> str:
+    """If `socket` is in the per-uid directory, create that 0700 and verify it is ours; the
+    path to bind the socket at.
 
-    Verified on every start: a directory, not a symlink, owned by us, mode exactly 0700.
-    Other directories (XDG_RUNTIME_DIR, or one chosen with --socket) are the user's to
-    choose; the daemon only creates a missing one 0700. With `create=False` (`config`, a
-    dry run) a missing directory passes: `run` will create it.
+    The per-uid directory is found as the kernel finds it: TMPDIR with its symlinks
+    resolved, then `agent-sidecar-<uid>` itself, which is never followed. So any spelling of
+    the socket's directory that leads there (`$TMPDIR//`, `/./`, `..`, a symlink to TMPDIR
+    or to the directory) is verified, on every start: a directory, not a symlink, owned by
+    us, mode exactly 0700, in a TMPDIR owned by us or root (another user's, reached through
+    a symlink, could rename it). The path returned is the socket's within the directory
+    verified, so a symlink in TMPDIR's path that changes after the check cannot move the
+    socket elsewhere. Other directories (XDG_RUNTIME_DIR, or one chosen with --socket) are
+    the user's to choose, and `socket` comes back as it is; the daemon only creates a
+    missing one 0700. With `create=False` (`config`, a dry run) a missing directory passes:
+    `run` will create it. Raises UnsafeDirectory, or OSError when TMPDIR cannot be read.
     """
-    directory = os.path.dirname(os.path.abspath(socket))
-    if directory != private_dir(environ):
-        return
+    private = private_dir(environ)
+    # Resolve TMPDIR, but not the last component: a symlink planted there must be seen as
+    # one, not followed to wherever it points.
+    parent = os.path.realpath(os.path.dirname(private))
+    directory = os.path.join(parent, os.path.basename(private))
+    # Whether the socket's directory is that one, however spelled: both resolved alike.
+    here = os.path.realpath(os.path.dirname(socket) or os.curdir)
+    if here != os.path.realpath(directory):
+        return socket
+    advice = ("set XDG_RUNTIME_DIR to a private directory, or choose the socket with --socket "
+              "(or AGENT_SIDECAR_SOCKET)")
+    owner = os.stat(parent).st_uid
+    if owner not in (0, os.getuid()):
+        raise UnsafeDirectory(
+            f"socket directory {directory} is in {parent}, which belongs to uid {owner}, "
+            f"not to us (uid {os.getuid()}) or root: its owner could replace the directory "
+            f"and serve the socket in our place; {advice}")
     if create:
         try:
             os.mkdir(directory, 0o700)  # the umask can only make it stricter; fixed below
@@ -88,12 +110,11 @@ def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,
             pass
         else:
             os.chmod(directory, 0o700)
+    socket_in_directory = os.path.join(directory, os.path.basename(socket))
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
-        return  # only without create: `run` will make it
-    advice = ("set XDG_RUNTIME_DIR to a private directory, or choose the socket with --socket "
-              "(or AGENT_SIDECAR_SOCKET)")
+        return socket_in_directory  # only without create: `run` will make it
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeDirectory(f"socket directory {directory} is a symlink, which another user "
                               f"may have planted; remove it, or {advice}")
@@ -109,3 +130,4 @@ def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,
     if mode != 0o700:
         raise UnsafeDirectory(f"socket directory {directory} has mode {mode:04o}, not 0700; "
                               f"run `chmod 700 {directory}`, or {advice}")
+    return socket_in_directory

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from agent_sidecar import __version__, logs, paths
+from agent_sidecar import __version__, logs
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.coder import CoderClient
 from agent_sidecar.config import Settings
@@ -33,10 +33,11 @@ from agent_sidecar.conversation import Conversation
 from agent_sidecar.metrics import Metrics
 from agent_sidecar.proxy import Proxies, ProxyError
 from agent_sidecar.redact import redact_url
-from agent_sidecar.relay import Health, Relay
+from agent_sidecar.relay import Health, Relay, RelayError
 from agent_sidecar.sink import Sink, SinkMirror
 from agent_sidecar.snapshot import CODERD_MAX_BODY_BYTES, Packed
 from agent_sidecar.tokens import TokenError, TokenSource
+from agent_sidecar.unix_socket import check_socket_path
 from agent_sidecar.uploader import Uploader
 
 log = logs.get("pipeline")
@@ -86,6 +87,11 @@ class Pipeline:
                  on_snapshot: Callable[[Packed, str], None] | None = None) -> None:
         self.settings = settings
         self.started = time.monotonic()
+        # The relay's answers and the logs mask the configured URLs' passwords, also when
+        # serve() is embedded without main()'s logging set-up (the token is registered by
+        # the TokenSource, as it reads each one).
+        for url in (settings.coder_url, settings.agentapi_url):
+            logs.redactor.add_url(url)
         self.metrics = Metrics()
         # A snapshot never holds more characters than coderd's byte limit.
         self.conversation = Conversation(CODERD_MAX_BODY_BYTES)
@@ -136,7 +142,8 @@ class Pipeline:
     # -- what the relay serves -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """GET /status: what every component is doing. Never holds the token."""
+        """GET /status: what every component is doing. Never holds the token; peers' texts
+        in it (errors, outcomes) are scrubbed by the relay as it answers."""
         up = self.uploader
         last = (datetime.fromtimestamp(up.last_success_unix, UTC).isoformat()
                 if up.last_success_unix else None)
@@ -262,19 +269,20 @@ def coder_proxies(settings: Settings, environ: Mapping[str, str]) -> Proxies:
 
 async def check(settings: Settings) -> None:
     """Every start-up check of `run` that needs no socket bound and no peer up: the proxy
-    for coderd, the token file's readability and validity, and the socket directory.
-    `agent-sidecar config` runs it. Raises StartupError."""
+    for coderd, the token file's readability and validity, and the socket path (the
+    per-uid directory's owner, mode and symlink checks, the path's length, a parent that
+    can be created, nothing but a socket there). `agent-sidecar config` runs it. Raises
+    StartupError.
+
+    What `run` alone checks is what is "in use": a socket another daemon serves, and the
+    metrics port, so that `config` can vet a configuration next to a running daemon."""
     coder_proxies(settings, os.environ)
     if settings.uploads_disabled_reason is None:
         try:
             await TokenSource(settings).load()
         except TokenError as exc:
             raise StartupError(str(exc)) from None
-    # The socket directory's owner, mode and symlink checks, as `run` makes them; "socket
-    # in use" stays a `run`-only check, so that `config` works next to a running daemon.
     try:
-        paths.ensure_private_dir(str(settings.socket), create=False)
-    except paths.UnsafeDirectory as exc:
+        check_socket_path(settings.socket)
+    except RelayError as exc:
         raise StartupError(str(exc)) from None
-    except OSError as exc:
-        raise StartupError(f"socket directory: {exc.strerror or exc}") from None

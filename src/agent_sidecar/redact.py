@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from bisect import bisect_left, bisect_right
 from urllib.parse import quote, unquote, urlsplit
 
 REDACTED = "**********"
@@ -78,7 +79,9 @@ class _Form:
             k = len(self.head)
             while k < n and end < len(line) and line[end] == text[k]:
                 end, k = end + 1, k + 1
-            k = max(b for b in self.bounds if b <= k)  # never end inside an escape
+            # Never end inside an escape. Bisected: a long secret (a 100 000-character
+            # token) has as many bounds, and a line may hold many pieces of it.
+            k = self.bounds[bisect_right(self.bounds, k) - 1]
             found.append((start, start + k))
             start = line.find(self.head, start + 1)
         end = line.find(self.tail)
@@ -87,7 +90,7 @@ class _Form:
             k = n - len(self.tail)  # offset in the form where the match begins
             while k > 0 and begin > 0 and line[begin - 1] == text[k - 1]:
                 begin, k = begin - 1, k - 1
-            k2 = min(b for b in self.bounds if b >= k)  # never begin inside an escape
+            k2 = self.bounds[bisect_left(self.bounds, k)]  # never begin inside an escape
             found.append((begin + (k2 - k), end + len(self.tail)))
             end = line.find(self.tail, end + 1)
         return found

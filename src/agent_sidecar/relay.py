@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from agent_sidecar.unix_socket import RelayError, bind_unix, peer_uid
 
 # What the rest of the code and the tests import from here, wherever it is defined.
 __all__ = ["ANSWER_MARGIN_S", "Health", "Input", "Relay", "RelayError", "bind_unix", "error",
-           "parse_send", "reply_to"]
+           "parse_send", "redacted", "reply_to"]
 
 log = logs.get("relay")
 
@@ -93,7 +94,8 @@ class Relay:
     accept loop and aiohttp's connection tasks; `close()` stops taking sends (inputs not yet
     posted are answered 503); `stop()` stops accepting, closes every connection and removes
     the socket file. A handler never raises: failures are answered in Coder's error shape
-    and logged once. An input whose client hangs up before it is posted is dropped; once
+    and logged once. Every JSON answer but a delivered reply is scrubbed of secrets on its
+    way out (`redacted`). An input whose client hangs up before it is posted is dropped; once
     posted, a POST is always finished (agentapi cannot unsend keystrokes): cancelling a send
     handler (as `stop()` does past its timeout) drops an input still waiting, and a POST in
     flight is still finished. Every setting is read from `settings` when it is used, so a
@@ -188,6 +190,7 @@ class Relay:
             log.exception("relay_handler_failed", path=_known(request.path),
                           error=type(exc).__name__)
             resp = error(500, "The sidecar failed to handle this request.", type(exc).__name__)
+        resp = redacted(request, resp)
         self.metrics.relay_requests.labels(path=_known(request.path), code=str(resp.status)).inc()
         return resp
 
@@ -554,6 +557,40 @@ def reply_to(messages: list[Message], before: int, text: str) -> list[Message]:
             break
         answer.append(message)
     return answer
+
+
+def redacted(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """`resp` with every string of its JSON body scrubbed as the logs are (`logs.redactor`:
+    URL userinfo, the agent token, old and rotated, and the configured URLs' passwords).
+
+    Every answer of the relay passes here (the outermost middleware), so no field of
+    /status, /healthz, /livez or an error body, present or future, can carry a secret that
+    a log line would mask. The one exception is a delivered /send's reply: the agent's own
+    messages, passed as they are, as the snapshots carry them.
+    """
+    if not isinstance(resp, web.Response) or resp.content_type != "application/json":
+        return resp
+    body = resp.body
+    if not isinstance(body, bytes) or (request.path == "/send" and resp.status < 300):
+        return resp
+    try:
+        clean = json.dumps(_scrubbed(json.loads(body))).encode()
+    except (ValueError, RecursionError):  # not ours, then: scrub it as a JSON log line
+        clean = logs.redactor.scrub_escaped(body.decode("utf-8", "replace")).encode()
+    if clean != body:
+        resp.body = clean
+    return resp
+
+
+def _scrubbed(value: Any) -> Any:
+    """Decoded JSON with each string in it, keys too, scrubbed."""
+    if isinstance(value, str):
+        return logs.redactor.scrub(value)
+    if isinstance(value, dict):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
 
 
 def _shape(exc: web.HTTPException) -> web.Response:

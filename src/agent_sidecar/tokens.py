@@ -31,8 +31,8 @@ WATCH_RETRY_MAX_S = 60.0
 
 
 class TokenError(Exception):
-    """The token cannot be used: unreadable, empty, too large, not text, or holding what
-    an HTTP header cannot carry. The message names the setting, where it came from and the
+    """The token cannot be used: unreadable, empty, too large, not text, or holding
+    anything but printable ASCII. The message names the setting, where it came from and the
     file, never the value."""
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import secrets
 import select
 import socket
 import stat
@@ -26,26 +28,73 @@ class RelayError(Exception):
     """The socket cannot be served; the message says why and what to do."""
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """Bind a private listening socket at `path`, replacing a stale one, never a live one."""
+def check_socket_path(path: Path) -> Path:
+    """Every check `bind_unix` makes before it binds, creating nothing (`config`, a dry run):
+    the per-uid directory (paths.ensure_private_dir), the path's length, a parent directory
+    that exists or can be created, and nothing but a socket at the path. Whether a socket
+    there is in use is not asked: `config` runs next to a running daemon. The path that
+    would be bound; raises RelayError."""
+    return _checked(path, create=False)
+
+
+def _checked(path: Path, *, create: bool) -> Path:
+    """The path to bind at, checked; with `create`, its directories are made (0700)."""
+    try:
+        path = Path(paths.ensure_private_dir(str(path), create=create))
+    except paths.UnsafeDirectory as exc:
+        raise RelayError(str(exc)) from None
+    except OSError as exc:  # TMPDIR missing or unreadable, or the directory not makeable
+        raise RelayError(f"cannot make the socket directory for {path} in "
+                         f"{exc.filename or 'TMPDIR'}: {exc.strerror or exc}; set TMPDIR to a "
+                         "directory of yours, or choose the socket with --socket") from None
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise RelayError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
                          "choose a shorter --socket")
-    try:
-        paths.ensure_private_dir(str(path))  # the per-uid default directory: ours, 0700
-    except paths.UnsafeDirectory as exc:
-        raise RelayError(str(exc)) from None
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
-        parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    try:
+        if not create:
+            _creatable(parent)
+        elif not parent.exists():
+            parent.mkdir(mode=0o700, parents=True)
+            parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    except OSError as exc:
+        raise RelayError(f"cannot create the socket directory {parent}: "
+                         f"{exc.strerror or exc}; choose another --socket") from None
     try:
         st = path.lstat()
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise RelayError(f"{path} exists and is not a socket; refusing to replace it")
+        return path  # nothing there yet (in a dry run, maybe not even its directory)
+    except OSError as exc:
+        raise RelayError(f"cannot use the socket path {path}: {exc.strerror or exc}; "
+                         "choose another --socket") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RelayError(f"{path} exists and is not a socket; refusing to replace it")
+    return path
+
+
+def _creatable(directory: Path) -> None:
+    """Raise OSError unless `directory` exists or `mkdir -p` could make it. Its nearest
+    existing ancestor must be a directory where one can be made: tried with a uniquely
+    named directory, removed at once, since neither the mode bits (root passes them) nor
+    the mount options tell (procfs refuses every mkdir)."""
+    if directory.exists():
+        return  # as `run` sees it; what is at the socket path is checked next
+    existing = directory
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    probe = existing / f".agent-sidecar-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(probe, 0o700)
+    os.rmdir(probe)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """Bind a private listening socket at `path`, replacing a stale one, never a live one.
+    In the per-uid directory it is bound within the directory verified (see
+    paths.ensure_private_dir), however `path` spells it. Raises RelayError."""
+    path = _checked(path, create=True)
+    if os.path.lexists(path):  # a socket: _checked refuses anything else
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:

@@ -18,7 +18,7 @@ from aiohttp import web
 from standins import FakeAgentAPI, FakeCoderd
 
 from tests.faults.test_faults import converged, env_for, sidecar, stored
-from tests.sidecar import Sidecar, clean_env
+from tests.sidecar import Sidecar, clean_env, refusals
 
 pytestmark = pytest.mark.faults
 
@@ -69,8 +69,8 @@ async def test_a_token_with_surrounding_whitespace_works_and_one_a_header_cannot
                          agent.url], capture_output=True, text=True, env=bad, timeout=30,
         check=False)
     assert proc.returncode == 2
-    [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("agent-sidecar: invalid coder_token (from env CODER_AGENT_TOKEN): "
+    [line] = refusals(proc.stderr)
+    assert line.startswith("invalid coder_token (from env CODER_AGENT_TOKEN): "
                            "holds a control character (U+000D)")
     assert coderd.token[:8] not in proc.stderr
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sidecar import clean_env
+from tests.sidecar import clean_env, refusals
 
 pytestmark = pytest.mark.faults
 
@@ -48,12 +48,26 @@ class Squatter:
         return result
 
 
-def _squat(tmpdir: Path, control: int, report: int) -> None:
-    """The squatter's life, as uid 65534, in the forked child."""
+def _squat(tmpdir: Path, mode: str, control: int, report: int) -> None:
+    """The squatter's life, as uid 65534, in the forked child. `mode`: what it plants:
+    "directory", a 0777 per-uid directory of its own; "symlink", the per-uid directory as
+    a symlink to one of its directories; "tmpdir", a symlink to one of its directories, to
+    be named as TMPDIR (the per-uid directory would be made inside, where it can rename it).
+    """
     os.setgid(NOBODY)
     os.setuid(NOBODY)
+    own = tmpdir / "sq-own"
+    own.mkdir()
+    own.chmod(0o777)
     directory = tmpdir / "agent-sidecar-0"
-    directory.mkdir(mode=0o755)
+    if mode == "directory":
+        directory.mkdir()
+        directory.chmod(0o777)
+    elif mode == "symlink":
+        directory.symlink_to(own)
+    else:
+        (tmpdir / "sq-tmp").symlink_to(own)
+        directory = own
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(directory / "agent-sidecar.sock"))
     os.chmod(directory / "agent-sidecar.sock", 0o777)  # noqa: S103 - a squatter's bait
@@ -97,7 +111,10 @@ def shared_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
-def squatter(shared_tmp: Path) -> Iterator[Squatter]:
+def squatter(shared_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Squatter]:
+    """A squatter process of uid 65534 that has planted `request.param` (see _squat;
+    "directory" unless parametrized) and listens on its socket."""
+    mode = getattr(request, "param", "directory")
     control_r, control_w = os.pipe()
     report_r, report_w = os.pipe()
     pid = os.fork()
@@ -106,7 +123,7 @@ def squatter(shared_tmp: Path) -> Iterator[Squatter]:
         try:
             os.close(control_w)
             os.close(report_r)
-            _squat(shared_tmp, control_r, report_w)
+            _squat(shared_tmp, mode, control_r, report_w)
             code = 0
         finally:
             os._exit(code)
@@ -124,7 +141,8 @@ def squatter(shared_tmp: Path) -> Iterator[Squatter]:
             os.waitpid(pid, 0)
 
 
-def cli(tmpdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(tmpdir: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`agent-sidecar ARGS` with TMPDIR spelt exactly as given (a Path would normalise it)."""
     env = clean_env(TMPDIR=str(tmpdir))
     env.pop("XDG_RUNTIME_DIR", None)
     return subprocess.run([sys.executable, "-m", "agent_sidecar", *args], env=env,
@@ -138,15 +156,16 @@ def test_a_squatted_default_socket_is_refused_by_every_command(squatter: Squatte
     tmpdir = squatter.directory.parent
     run = cli(tmpdir, "run", "--agentapi-url", "http://127.0.0.1:9")
     assert run.returncode == 2, run.stderr
-    assert run.stderr.strip().splitlines() == [
-        f"agent-sidecar: cannot start: socket directory {squatter.directory} belongs to uid "
+    assert refusals(run.stderr) == [
+        f"cannot start: socket directory {squatter.directory} belongs to uid "
         f"{NOBODY}, not to us (uid 0): another user created it first and could serve the "
         "socket in our place; set XDG_RUNTIME_DIR to a private directory, or choose the "
         "socket with --socket (or AGENT_SIDECAR_SOCKET)"]
 
     config = cli(tmpdir, "config")
     assert config.returncode == 2
-    assert config.stderr == run.stderr.replace("cannot start: ", "")  # config says what run would
+    # config says what run would
+    assert refusals(config.stderr) == [refusals(run.stderr)[0].removeprefix("cannot start: ")]
 
     send = cli(tmpdir, "send", "rm -rf / is not what I meant")
     assert send.returncode == 5
@@ -164,3 +183,39 @@ def test_a_squatted_default_socket_is_refused_by_every_command(squatter: Squatte
 
     seen = squatter.finish()
     assert seen == {"connections": 3, "bytes": 0}  # they came, checked, and said nothing
+
+
+@pytest.mark.parametrize("squatter", ["directory", "symlink"], indirect=True)
+def test_every_spelling_of_tmpdir_finds_the_squatted_directory(squatter: Squatter) -> None:
+    """TMPDIR spelt with a trailing slash, a double slash, `.` or `..`: `config` and `run`
+    verify the same per-uid directory, find it squatted (another user's 0777 directory, or
+    their symlink) and refuse with exit 2; the squatter hears nothing."""
+    tmpdir = squatter.directory.parent
+    base = tmpdir.parent
+    why = "is a symlink" if squatter.directory.is_symlink() else f"belongs to uid {NOBODY}"
+    refusal = f"socket directory {squatter.directory} {why}"
+    for spelling in (f"{tmpdir}/", f"{tmpdir}//", f"{tmpdir}/.", f"{tmpdir}/./",
+                     f"{tmpdir}/../tmp", f"{tmpdir}/../../{base.name}/tmp"):
+        config = cli(spelling, "config")  # first: before the fix it passed, and run served
+        assert config.returncode == 2, (spelling, config.stderr)
+        assert refusal in config.stderr, spelling
+        run = cli(spelling, "run", "--agentapi-url", "http://127.0.0.1:9")
+        assert run.returncode == 2, (spelling, run.stderr)
+        assert f"cannot start: {refusal}" in run.stderr, spelling
+    assert squatter.finish() == {"connections": 0, "bytes": 0}
+
+
+@pytest.mark.parametrize("squatter", ["tmpdir"], indirect=True)
+def test_a_tmpdir_that_leads_to_another_users_directory_is_refused(squatter: Squatter) -> None:
+    """TMPDIR naming another user's symlink to their own directory: the per-uid directory
+    would be made where its owner could rename it, so `config` and `run` refuse (exit 2)
+    and make nothing there."""
+    tmpdir = squatter.directory.parent
+    own = tmpdir / "sq-own"
+    for command in (("config",), ("run", "--agentapi-url", "http://127.0.0.1:9")):
+        done = cli(tmpdir / "sq-tmp", *command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert (f"socket directory {own}/agent-sidecar-0 is in {own}, which belongs to uid "
+                f"{NOBODY}, not to us (uid 0) or root") in done.stderr
+    assert not (own / "agent-sidecar-0").exists()
+    assert squatter.finish() == {"connections": 0, "bytes": 0}
