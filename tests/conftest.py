@@ -111,3 +111,16 @@ class Datagrams:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture
+def stream_limited() -> Iterator[tuple[io.StringIO, list[float]]]:
+    """The log lines, as JSON, through a repeat limiter with a 60 s window on a clock the
+    test sets (`now[0]`), so that repeats are limited as in production."""
+    stream, now = io.StringIO(), [0.0]
+    logs.configure("debug", "json", stream=stream,
+                   limiter=logs.RepeatLimiter(window_s=60, clock=lambda: now[0]))
+    try:
+        yield stream, now
+    finally:
+        logs.reset()

@@ -1,5 +1,5 @@
-"""A raw HTTP/1.1 client on a Unix socket, for what aiohttp's client will not do: half-close,
-trickle headers, hang up mid-request, hold a connection idle."""
+"""A raw HTTP/1.1 client on a Unix socket (or TCP), for what aiohttp's client will not do:
+half-close, trickle headers, hang up mid-request, hold a connection idle."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ class RawClient:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, str(path))
         return cls(sock)
+
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int) -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        return cls(sock)
+
+    def quiet_and_open(self) -> bool:
+        """Right now the server has neither closed the connection nor sent anything on it."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read, and no end of stream either
+        except OSError:
+            return False  # reset
+        return False  # the end of the stream, or bytes
 
     async def write(self, data: bytes) -> None:
         await self._loop.sock_sendall(self.sock, data)

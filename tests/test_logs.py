@@ -507,6 +507,53 @@ def test_stdlib_repeats_are_limited_by_their_template(stream: io.StringIO) -> No
         "ValueError: bad", "KeyError: 'other'"]
 
 
+def test_peer_text_in_error_costs_a_few_lines_per_window_not_one_per_peer(
+    stream: io.StringIO,
+) -> None:
+    """An event whose `error` differs every time (a peer's text where a kind belongs) is let
+    through for max_errors_per_event values per window, the rest sharing one window; the
+    first after the window counts what was suppressed."""
+    now = [0.0]
+    logs.configure("info", "json", stream=stream, limiter=logs.RepeatLimiter(
+        window_s=60, clock=lambda: now[0], max_errors_per_event=8))
+    log = logs.get("t")
+    for i in range(300):
+        log.warning("peer_said", error=f"peer text {i}")
+    log.warning("other_event", error="refused")  # other events keep their own windows
+    assert len(lines(stream)) == 8 + 1 + 1
+    now[0] = 61.0
+    log.warning("peer_said", error="peer text 300")
+    last = lines(stream)[-1]
+    assert (last["error"], last["suppressed"]) == ("peer text 300", 300 - 9)
+
+
+def test_a_flood_of_kinds_neither_grows_the_limiter_nor_resets_its_windows(
+    stream: io.StringIO,
+) -> None:
+    """Past max_kinds, new kinds share one window instead of clearing the others: a repeat
+    held back before the flood stays held back, the lines stay few and the memory bounded;
+    once windows end they are forgotten and new kinds get their own again."""
+    now = [0.0]
+    limiter = logs.RepeatLimiter(window_s=60, clock=lambda: now[0], max_kinds=16)
+    logs.configure("info", "json", stream=stream, limiter=limiter)
+    log = logs.get("t")
+    log.warning("held_back", error="refused")
+    for i in range(5000):
+        logging.getLogger("lib").warning(f"template {i}")  # a library's pre-formatted text
+    log.warning("held_back", error="refused")
+    events = [line["event"] for line in lines(stream)]
+    assert events.count("held_back") == 1
+    assert len(events) == 1 + 15 + 1  # held_back, the kinds that fit, one shared window
+    assert len(limiter._seen) <= 16 + 1
+    now[0] = 61.0
+    log.warning("new_kind_after_the_window", error="x")
+    log.warning("held_back", error="refused")
+    assert [line["event"] for line in lines(stream)][-2:] == [
+        "new_kind_after_the_window", "held_back"]
+    assert lines(stream)[-1]["suppressed"] == 1
+    assert len(limiter._seen) <= 16 + 1
+
+
 # -- journald --------------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from standins import FakeAgentAPI
 
-from agent_sidecar import relay_server
 from agent_sidecar.unix_socket import hung_up
 
 from .conftest import until
@@ -232,13 +231,13 @@ async def test_when_every_connection_is_busy_sends_get_503_and_probes_still_answ
 
 
 async def test_past_the_probe_reserve_a_client_that_writes_late_still_reads_its_503(
-    agent: FakeAgentAPI, short_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    agent: FakeAgentAPI, short_dir: Path,
 ) -> None:
     """With every connection busy and no reserve left, a new connection is answered 503 at
     once, and a client that writes its request only then still reads that answer rather
     than a reset connection."""
-    monkeypatch.setattr(relay_server, "PROBE_RESERVE", 0)
     async with relay_env(agent, short_dir, relay_max_connections=2) as env:
+        env.relay.server.probe_reserve = 0
         await env.http.close()
         await synced_running(env)
         busy = [await RawClient.connect(env.socket) for _ in range(2)]
@@ -276,11 +275,10 @@ async def test_accept_backs_off_when_the_process_is_out_of_descriptors(
     await env.http.close()
     # Restart the loop so that it picks up the failing accept.
     server = env.relay.server
-    assert server._acceptor is not None
-    assert server._listener is not None
-    server._acceptor.cancel()
-    await asyncio.gather(server._acceptor, return_exceptions=True)
-    server._acceptor = loop.create_task(server._accept_loop(server._listener))
+    [acceptor], [listener] = server._acceptors, server._listeners
+    acceptor.cancel()
+    await asyncio.gather(acceptor, return_exceptions=True)
+    server._acceptors = [loop.create_task(server._accept_loop(listener))]
     started = time.monotonic()
     await asyncio.sleep(1.0)  # a measurement window, not a synchronisation
     elapsed = time.monotonic() - started
@@ -363,3 +361,33 @@ async def test_an_input_delivered_after_its_client_left_is_logged_as_delivered(
     [gone] = [line for line in lines if line["event"] == "relay_sender_gone"]
     assert env.users() == ["fire and forget"]
     assert gone["delivered"] is True
+
+
+# -- log lines carry peer text in `detail`, never in the limiter's key (`error`) ----------
+
+
+async def test_distinct_over_long_headers_make_one_log_line_until_the_window_ends(
+    env: Env, stream_limited: tuple[io.StringIO, list[float]],
+) -> None:
+    """300 requests whose over-long headers all differ are one kind of `relay_bad_http`
+    (the error's type; the peer's bytes are the redacted, clipped `detail`): one line, and
+    the first after the window says how many were suppressed."""
+    stream, now = stream_limited
+
+    async def over_long(i: int) -> int:
+        with await RawClient.connect(env.socket) as client:
+            await client.write(b"GET /status HTTP/1.1\r\nHost: x\r\n"
+                               + f"X-Pad: {i:05d}-".encode() + b"a" * 9000 + b"\r\n\r\n")
+            return (await client.answer()).status
+
+    assert [await over_long(i) for i in range(300)] == [400] * 300
+    now[0] = 61.0
+    assert await over_long(300) == 400
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    bad = [line for line in lines if line["event"] == "relay_bad_http"]
+    assert [(line["error"], line.get("suppressed")) for line in bad] == [
+        ("LineTooLong", None), ("LineTooLong", 299)]
+    assert bad[0]["detail"].startswith("Got more than")
+    assert "00000" in bad[0]["detail"]
+    assert len(bad[0]["detail"]) <= 200
+    assert [line for line in lines if line["level"] != "info"] == bad

@@ -29,6 +29,7 @@ from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import RelayError
+from agent_sidecar.relay_server import BoundedServer, bind_tcp
 from agent_sidecar.sdnotify import Notifier
 from agent_sidecar.snapshot import Packed
 
@@ -87,7 +88,8 @@ async def serve(
             raise StartupError(str(exc)) from None
         stack.push_async_callback(run.stop_relay)
         if settings.metrics_addr:
-            stack.push_async_callback((await _serve_metrics(pipeline)).cleanup)
+            run.metrics_server = await _serve_metrics(pipeline)
+            stack.push_async_callback(run.stop_metrics)
         _log_uploads(pipeline)
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         run.start(tasks)
@@ -116,6 +118,7 @@ class _Run:
         self.uploader: asyncio.Task[None] | None = None
         self.mirror: asyncio.Task[None] | None = None
         self.helpers: list[asyncio.Task[None]] = []
+        self.metrics_server: BoundedServer | None = None
 
     def start(self, tasks: asyncio.TaskGroup) -> None:
         p = self.pipeline
@@ -164,6 +167,10 @@ class _Run:
 
     async def stop_relay(self) -> None:
         await self.pipeline.relay.stop(timeout_s=self._left())
+
+    async def stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop(timeout_s=self._left())
 
     def _left(self) -> float:
         if self.deadline is None:
@@ -273,14 +280,17 @@ class _Run:
             if self.pipeline.tokens is not None:
                 await self.pipeline.tokens.reload()
             if self.reload_settings is None:
-                self.pipeline.reload(self.pipeline.settings)
-                continue
-            try:
-                new = self.reload_settings()
-            except Exception as exc:
-                log.error("reload_failed", error=str(exc), kept="previous settings")
-                continue
+                new = self.pipeline.settings
+            else:
+                try:
+                    new = self.reload_settings()
+                except Exception as exc:
+                    log.error("reload_failed", error=str(exc), kept="previous settings")
+                    continue
             self.pipeline.reload(new)
+            if self.metrics_server is not None:
+                # The pipeline's settings hold only the changes that apply live.
+                self.metrics_server.settings = self.pipeline.settings
 
 
 def _log_uploads(pipeline: Pipeline) -> None:
@@ -306,8 +316,13 @@ def log_url_warnings(settings: Settings) -> None:
         log.warning("coder_url_api_path", detail=warning)
 
 
-async def _serve_metrics(pipeline: Pipeline) -> web.AppRunner:
-    """/metrics over TCP at `metrics_addr`; the runner to clean up."""
+async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
+    """/metrics over TCP at `metrics_addr`, with the relay's machinery and bounds: at most
+    `metrics_max_connections` connections (idle ones make room), the relay's header, body
+    and idle timeouts, and an accept loop that backs off when out of descriptors, so a
+    flood of the port cannot starve the relay, agentapi or coderd of descriptors. Any local
+    user can reach a TCP port: no uid is checked here, which is why the port is opt-in.
+    Raises StartupError when the address cannot be bound."""
     addr = pipeline.settings.metrics_addr
     assert addr is not None
     host, _, port = addr.rpartition(":")
@@ -319,12 +334,12 @@ async def _serve_metrics(pipeline: Pipeline) -> web.AppRunner:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    server = BoundedServer(
+        app, pipeline.settings, name="metrics", cap_setting="metrics_max_connections",
+        max_connections=lambda settings: settings.metrics_max_connections)
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        await server.start(bind_tcp(host.strip("[]"), int(port)))
     except OSError as exc:
-        await runner.cleanup()
-        raise StartupError(f"cannot serve metrics on {addr}: {exc.strerror}") from None
+        raise StartupError(f"cannot serve metrics on {addr}: {exc.strerror or exc}") from None
     log.info("metrics_listening", addr=addr)
-    return runner
+    return server

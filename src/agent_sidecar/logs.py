@@ -25,34 +25,60 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 redactor = Redactor()
 
 
+Kind = tuple[str, str, str, str]  # logger, level, event, error
+Event = tuple[str, str, str]  # logger, level, event
+OTHER = "\x00other"  # the `error` of a window shared by kinds past a bound; no real value
+
+
 class RepeatLimiter(logging.Filter):
     """Lets one warning or error of a kind through per window; counts the rest.
 
     A kind is the logger, the level, the event and its `error` field; for a stdlib record,
-    the first line of its message template and its exception's type. The next one let
-    through after a quiet window carries `suppressed=N`, so nothing is hidden silently. It
-    filters the one handler, so our events and stdlib records are limited alike.
+    the first line of its message template and its exception's type. `error` is meant to be
+    a fixed kind (an exception's type, a category), never a peer's text, which goes in
+    `detail`. The next one let through after a quiet window carries `suppressed=N`, so
+    nothing is hidden silently. It filters the one handler, so our events and stdlib
+    records are limited alike.
+
+    Bounded memory, which a flood cannot reset. One event has at most
+    `max_errors_per_event` kinds at a time: its further `error` values share one window,
+    so an `error` that does carry peer text costs a few lines, not one per peer. At most
+    `max_kinds` kinds are kept: windows that have ended are forgotten first, oldest first;
+    while every kept window is open, new kinds share one window per level. The windows
+    kept are never cleared, so their repeats stay suppressed whatever else is logged. What
+    a forgotten window suppressed is counted on the next line of its event let through (for
+    the window new kinds share, on its next line). Raises nothing of its own; awaits nothing.
     """
 
     def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_kinds: int = 1024) -> None:
+                 max_kinds: int = 1024, max_errors_per_event: int = 8) -> None:
         super().__init__()
         self._window_s = window_s
         self._clock = clock
         self._max_kinds = max_kinds
-        self._seen: dict[tuple[str, str, str, str], tuple[float, int]] = {}
+        self._max_errors_per_event = max_errors_per_event
+        # When each window opened and what it has suppressed, in the order they opened.
+        self._seen: dict[Kind, tuple[float, int]] = {}
+        self._errors_of: dict[Event, int] = {}  # kinds kept per event
+        # What forgotten windows suppressed, by event, for its next line: at most max_kinds.
+        self._carried: dict[Event, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        key = _kind(record)
         now = self._clock()
-        first, suppressed = self._seen.get(key, (None, 0))
-        if first is not None and now - first < self._window_s:
-            self._seen[key] = (first, suppressed + 1)
+        key = self._window_of(_kind(record), now)
+        window = self._seen.get(key)
+        if window is not None and now - window[0] < self._window_s:
+            self._seen[key] = (window[0], window[1] + 1)  # keeps its place
             return False
-        if len(self._seen) >= self._max_kinds:
-            self._seen.clear()  # bounded memory beats perfect accounting
+        suppressed = self._carried.pop(key[:3], 0)
+        if window is not None:
+            suppressed += window[1]
+            del self._seen[key]  # it opens again now, so it goes last
+        elif key[3] != OTHER:
+            event = key[:3]
+            self._errors_of[event] = self._errors_of.get(event, 0) + 1
         self._seen[key] = (now, 0)
         if suppressed:
             if isinstance(record.msg, dict):  # one of ours: its event dict
@@ -61,8 +87,38 @@ class RepeatLimiter(logging.Filter):
                 record.suppressed = suppressed
         return True
 
+    def _window_of(self, key: Kind, now: float) -> Kind:
+        """The window a record of kind `key` counts in: its own, unless a bound is reached."""
+        if key in self._seen:
+            return key
+        event: Event = key[:3]
+        if (self._errors_of.get(event, 0) >= self._max_errors_per_event
+                or len(self._seen) >= self._max_kinds):
+            self._forget_ended(now)
+        if self._errors_of.get(event, 0) >= self._max_errors_per_event:
+            return (*event, OTHER)
+        if len(self._seen) >= self._max_kinds:
+            return ("", key[1], "", OTHER)
+        return key
 
-def _kind(record: logging.LogRecord) -> tuple[str, str, str, str]:
+    def _forget_ended(self, now: float) -> None:
+        """Drop the windows that have ended. They are in the order they opened, so the
+        ended ones are first; the rest are still open."""
+        while self._seen:
+            key, (first, suppressed) = next(iter(self._seen.items()))
+            if now - first < self._window_s:
+                return
+            del self._seen[key]
+            event = key[:3]
+            if suppressed and (event in self._carried or len(self._carried) < self._max_kinds):
+                self._carried[event] = self._carried.get(event, 0) + suppressed
+            if key[3] != OTHER and event in self._errors_of:
+                self._errors_of[event] -= 1
+                if not self._errors_of[event]:
+                    del self._errors_of[event]
+
+
+def _kind(record: logging.LogRecord) -> Kind:
     if isinstance(record.msg, dict):
         event, error = record.msg.get("event"), record.msg.get("error", "")
     else:

@@ -49,7 +49,7 @@ LIVE_SETTINGS = frozenset({
     "reconnect_initial_s", "reconnect_max_s", "poll_interval_s", "max_event_bytes",
     "max_agentapi_response_bytes", "agentapi_timeout_s", "send_wait_s", "send_timeout_s",
     "acp_turn_timeout_s", "relay_max_connections", "relay_header_timeout_s",
-    "relay_body_timeout_s", "relay_idle_timeout_s",
+    "relay_body_timeout_s", "relay_idle_timeout_s", "metrics_max_connections",
     "unhealthy_after_s", "reupload_settle_s", "reupload_min_interval_s",
     "max_coderd_response_bytes", "max_token_file_bytes",
 })

@@ -1,7 +1,8 @@
 """The relay's HTTP API: POST /send, GET /status, /healthz, /livez and /metrics.
 
-POST /send forwards input to the agent through agentapi `POST /message`. The socket and its
-connections are relay_server.py's; the body of a send is send_input.py's.
+POST /send forwards input to the agent through agentapi `POST /message`. The relay binds its
+private socket (unix_socket.py) and checks each peer's uid; the accept loop, the connections
+and their limits are relay_server.py's; the body of a send is send_input.py's.
 
 Ordering. Two locks. `user` inputs take the *queue* lock in arrival order (FIFO) and hold it
 while they wait for the agent to be stable, while they are posted and, with `"reply": true`,
@@ -45,10 +46,10 @@ from agent_sidecar.config import Settings
 from agent_sidecar.conversation import Conversation, Message
 from agent_sidecar.error_shape import error
 from agent_sidecar.metrics import CONTENT_TYPE, Metrics
-from agent_sidecar.relay_connection import BodyCutShort, Connection
-from agent_sidecar.relay_server import FULL_MESSAGE, RelayServer, full_detail
+from agent_sidecar.relay_connection import DETAIL_CHARS, BodyCutShort, Connection
+from agent_sidecar.relay_server import PROBE_RESERVE, BoundedServer
 from agent_sidecar.send_input import Input, parse_send
-from agent_sidecar.unix_socket import RelayError, bind_unix, peer_uid
+from agent_sidecar.unix_socket import RelayError, bind_unix, peer_uid, remove_socket_file
 
 # What the rest of the code and the tests import from here, wherever it is defined.
 __all__ = ["ANSWER_MARGIN_S", "Health", "Input", "Relay", "RelayError", "bind_unix", "error",
@@ -89,17 +90,18 @@ class Relay:
     /metrics.
 
     Owns the aiohttp application, the send ordering (its two locks and the counts of inputs
-    waiting) and the peer check; the socket, the connections and their limits are its
-    `server`'s. `start()` binds the socket (RelayError if it cannot be served) and runs its
-    accept loop and aiohttp's connection tasks; `close()` stops taking sends (inputs not yet
-    posted are answered 503); `stop()` stops accepting, closes every connection and removes
-    the socket file. A handler never raises: failures are answered in Coder's error shape
-    and logged once. Every JSON answer but a delivered reply is scrubbed of secrets on its
-    way out (`redacted`). An input whose client hangs up before it is posted is dropped; once
-    posted, a POST is always finished (agentapi cannot unsend keystrokes): cancelling a send
-    handler (as `stop()` does past its timeout) drops an input still waiting, and a POST in
-    flight is still finished. Every setting is read from `settings` when it is used, so a
-    reload applies to the next send or connection.
+    waiting), the peer check and the socket file; the accept loop, the connections and their
+    limits are its `server`'s. `start()` binds the socket (RelayError if it cannot be
+    served) and runs its accept loop and aiohttp's connection tasks; `close()` stops taking
+    sends (inputs not yet posted are answered 503); `stop()` stops accepting, closes every
+    connection and removes the socket file if it is still ours (a stop cancelled before the
+    socket is closed leaves the file too). A handler never raises: failures are answered in
+    Coder's error shape and logged once. Every JSON answer but a delivered reply is scrubbed
+    of secrets on its way out (`redacted`). An input whose client hangs up before it is posted
+    is dropped; once posted, a POST is always finished (agentapi cannot unsend keystrokes):
+    cancelling a send handler (as `stop()` does past its timeout) drops an input still
+    waiting, and a POST in flight is still finished. Every setting is read from `settings`
+    when it is used, so a reload applies to the next send or connection.
     """
 
     def __init__(
@@ -140,7 +142,13 @@ class Relay:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/livez", self._livez)
         self.app.router.add_get("/metrics", self._metrics)
-        self.server = RelayServer(self.app, settings, metrics)
+        self.server = BoundedServer(
+            self.app, settings, name="relay", cap_setting="relay_max_connections",
+            max_connections=lambda settings: settings.relay_max_connections,
+            probe_reserve=PROBE_RESERVE,
+            on_refused=lambda status: metrics.relay_requests.labels(
+                path="other", code=str(status)).inc())
+        self._bound: tuple[Path, int] | None = None  # the socket file and its inode
 
     @property
     def settings(self) -> Settings:
@@ -154,7 +162,13 @@ class Relay:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, path: Path) -> None:
-        await self.server.start(path)
+        sock = bind_unix(path)
+        self._bound = (path, path.stat().st_ino)  # noqa: ASYNC240 - one stat of a local socket
+        try:
+            await self.server.start([sock])
+        except BaseException:
+            self._unlink()
+            raise
         log.info("relay_listening", socket=str(path))
 
     @property
@@ -174,7 +188,16 @@ class Relay:
     async def stop(self, timeout_s: float = 1.0) -> None:
         """Close the socket and remove its file, waiting at most `timeout_s` for handlers."""
         self.close()
-        await self.server.stop(timeout_s)
+        try:
+            await self.server.stop(timeout_s)
+        finally:
+            if not self.server.listening:
+                self._unlink()
+
+    def _unlink(self) -> None:
+        if self._bound is not None:
+            remove_socket_file(*self._bound)
+            self._bound = None
 
     # -- middleware ----------------------------------------------------------------------
 
@@ -219,7 +242,7 @@ class Relay:
         body_timeout_s = self.settings.relay_body_timeout_s
         conn = request.protocol
         if isinstance(conn, Connection) and conn.probe_only:
-            return error(503, FULL_MESSAGE, full_detail(self.server.max_connections()))
+            return error(503, *self.server.full())
         if isinstance(conn, Connection):
             conn.cut_short(request)
         try:
@@ -411,7 +434,8 @@ class Relay:
             # Before v0.12 agentapi says nothing: those versions have no ACP.
             transport = info.transport or "pty"
         except (AgentAPIError, AgentAPIUnavailable, TimeoutError) as exc:
-            log.warning("relay_transport_unknown", error=f"{type(exc).__name__}: {exc}")
+            log.warning("relay_transport_unknown", error=type(exc).__name__,
+                        detail=logs.clip(str(exc), DETAIL_CHARS))
             return None
         self._probed = (state.reconnects, transport)
         return transport
@@ -476,7 +500,8 @@ class Relay:
                              "send; do not resend it")
             messages = self.conversation.messages()  # agentapi is slow to answer: our view
         except (AgentAPIError, AgentAPIUnavailable) as exc:
-            log.warning("relay_reply_from_view", error=str(exc))
+            log.warning("relay_reply_from_view", error=type(exc).__name__,
+                        detail=logs.clip(str(exc), DETAIL_CHARS))
             messages = self.conversation.messages()
         reply = reply_to(messages, before, inp.text)
         return web.json_response({"messages": [

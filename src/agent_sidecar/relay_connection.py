@@ -1,13 +1,20 @@
-"""One relay connection: aiohttp's HTTP/1.1 handler, plus what the relay decides itself.
+"""One connection of a bounded server (the relay's, or the metrics port's): aiohttp's
+HTTP/1.1 handler, plus what the server decides itself.
 
 Half-close. A client may write its request and shut down its write side (`nc -N`, `socat`):
 that read-side EOF is not a hang-up, so the connection stays open for the answer. A client
 is gone when the socket reports a full hang-up (POLLHUP, which a half-close does not raise)
 or when the connection is lost; that cancels its input if it has not been posted yet. The
-relay decides this itself: aiohttp's handler cancellation is off.
+server decides this itself: aiohttp's handler cancellation is off.
 
 Headers. A request's headers must be complete within `relay_header_timeout_s` of its first
-byte, however slowly they trickle in; the body and idle timeouts are aiohttp's own.
+byte, however slowly they trickle in; the body and idle timeouts are aiohttp's own. These
+three timeouts bound the metrics port's connections too.
+
+Logs. Its events are named after its server (`relay_bad_http`, `metrics_bad_http`). What a
+peer wrote goes in `detail`, redacted and clipped, never in `error`, which holds a fixed
+kind (an exception type): the repeat limiter keys on `error`, so peer text there would make
+every line a kind of its own.
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ from aiohttp.web_protocol import RequestHandler
 from agent_sidecar import logs
 from agent_sidecar.config import Settings
 from agent_sidecar.error_shape import error, raw_error
-from agent_sidecar.metrics import Metrics
 from agent_sidecar.unix_socket import Hangups, hung_up
 
-log = logs.get("relay")  # the relay's one logger, whichever of its modules writes the line
+log = logs.get("relay")  # one logger for both listeners: their event names say which
+DETAIL_CHARS = 200  # of a peer's text in a log line or an answer
 
 
 class BodyCutShort(ConnectionError):
@@ -37,12 +44,14 @@ class ConnectionOwner(Protocol):
     """What a connection needs of the server that accepted it."""
 
     settings: Settings
-    metrics: Metrics
+    name: str  # the prefix of its log events
     hangups: Hangups | None
 
     def opened(self, conn: Connection) -> None: ...
 
     def closed(self, conn: Connection) -> None: ...
+
+    def refused(self, status: int) -> None: ...
 
 
 # -- aiohttp coupling ----------------------------------------------------------------------
@@ -87,7 +96,8 @@ def _current_request(handler: RequestHandler) -> web.BaseRequest | None:
 
 
 class Connection(RequestHandler):
-    """One relay connection: aiohttp's HTTP/1.1 handler, plus what the relay decides itself.
+    """One connection of a bounded server: aiohttp's HTTP/1.1 handler, plus what the server
+    decides itself.
 
     Owns `gone` (set once the peer has hung up or the connection is lost), the header timer
     (`relay_header_timeout_s` from a request's first byte to its last header) and the
@@ -174,7 +184,7 @@ class Connection(RequestHandler):
         try:
             return self._keep_open_after_eof()
         except Exception as exc:  # asyncio would log a traceback and close it anyway
-            log.exception("relay_connection_error", detail="at end of input",
+            log.exception(f"{self._owner.name}_connection_error", where="at end of input",
                           error=type(exc).__name__)
             return False
 
@@ -198,7 +208,7 @@ class Connection(RequestHandler):
         if self.transport is None or not self._awaiting_request():
             return
         timeout_s = self._owner.settings.relay_header_timeout_s
-        self._owner.metrics.relay_requests.labels(path="other", code="408").inc()
+        self._owner.refused(408)
         self.transport.write(raw_error(
             408, "The request headers did not arrive in time.",
             f"they must be complete within relay_header_timeout_s ({timeout_s:g}s) of the "
@@ -222,22 +232,31 @@ class Connection(RequestHandler):
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """aiohttp answers what it cannot parse (an unknown method, a broken header) here,
-        before any middleware runs: answer in Coder's shape, log one line, no traceback."""
+        before any middleware runs: answer in Coder's shape, log one line, no traceback.
+        The line's `error` is the kind of failure (the exception's type); its headline,
+        which quotes the peer's bytes, is the `detail`."""
         headline = (message or "").strip().splitlines()[0] if message else ""
         headline = headline or (f"{type(exc).__name__}: {exc}" if exc else "")
+        kind = type(exc).__name__ if exc is not None else f"HTTP {status}"
+        detail = logs.clip(headline, DETAIL_CHARS)
         if status >= 500:
-            log.error("relay_request_failed", status=status, error=headline[:200])
+            log.error(f"{self._owner.name}_request_failed", status=status, error=kind,
+                      detail=detail)
         else:
-            log.warning("relay_bad_http", status=status, error=headline[:200])
+            log.warning(f"{self._owner.name}_bad_http", status=status, error=kind,
+                        detail=detail)
         if request.writer.output_size > 0:
             raise ConnectionError("the answer has begun; the connection is closed instead")
         text = ("The request is not valid HTTP." if status < 500
                 else "The sidecar failed to handle this request.")
-        resp = error(status, text, headline[:200])
+        resp = error(status, text, headline[:DETAIL_CHARS])
         resp.force_close()
         return resp
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
-        what = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else ""
-        log.error("relay_connection_error", detail=str(args[0]) if args else "", error=what)
+        kind = type(exc).__name__ if isinstance(exc, BaseException) else "unknown"
+        detail = logs.clip(str(exc), DETAIL_CHARS) if isinstance(exc, BaseException) else ""
+        # args[0] is aiohttp's message template: fixed text, the peer's address is args[1].
+        log.error(f"{self._owner.name}_connection_error", where=str(args[0]) if args else "",
+                  error=kind, detail=detail)

@@ -123,6 +123,14 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+def remove_socket_file(path: Path, inode: int) -> None:
+    """Remove the socket file at `path` if it is still the one we bound (inode `inode`): a
+    successor may already have bound the path."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_ino == inode:
+            path.unlink()
+
+
 def peer_uid(request: web.Request) -> int | None:
     """The connecting process's uid (SO_PEERCRED), or None if the transport has none."""
     transport = request.transport

@@ -1,0 +1,114 @@
+"""The metrics TCP port (`metrics_addr`): the relay's bounds on a listener any local user can
+reach. Its connections are capped by metrics_max_connections, idle ones make room, and the
+relay's header and idle timeouts apply. Raw TCP clients against serve()."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+from pathlib import Path
+
+from standins import FakeAgentAPI
+
+from agent_sidecar.daemon import Controls, serve
+from agent_sidecar.metrics import CONTENT_TYPE
+
+from .conftest import until
+from .rawhttp import RawClient, request_bytes
+from .test_daemon import serving, settings_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def scrape(client: RawClient) -> int:
+    await client.write(request_bytes("GET", "/metrics"))
+    answer = await client.answer(timeout_s=5)
+    assert answer.headers["content-type"] == CONTENT_TYPE
+    assert b"agent_sidecar_relay_requests_total" in answer.body
+    return answer.status
+
+
+async def test_at_the_metrics_cap_the_oldest_idle_connection_makes_room_for_a_scrape(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """With metrics_max_connections idle TCP connections open, a scrape on a new one is
+    served: the oldest idle connection is closed for it, the newer one is kept."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}",
+                            metrics_max_connections=2)
+    async with serving(settings):
+        oldest = await RawClient.connect_tcp("127.0.0.1", port)
+        newer = await RawClient.connect_tcp("127.0.0.1", port)
+        with oldest, newer, await RawClient.connect_tcp("127.0.0.1", port) as scraper:
+            assert await scrape(scraper) == 200
+            assert await oldest.closed_by_server(timeout_s=2) == b""
+            assert newer.quiet_and_open()  # accepted before the scraper: kept
+
+
+async def test_slow_headers_and_idle_connections_on_the_metrics_port_are_timed_out(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """On the metrics port, headers that trickle in are cut off with a 408 after
+    relay_header_timeout_s, and a connection that sends nothing is closed after
+    relay_idle_timeout_s."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}",
+                            relay_header_timeout_s=0.3, relay_idle_timeout_s=1)
+    async with serving(settings):
+        loop = asyncio.get_running_loop()
+        with await RawClient.connect_tcp("127.0.0.1", port) as idle, \
+                await RawClient.connect_tcp("127.0.0.1", port) as slow:
+            started = loop.time()
+            await slow.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+
+            async def trickle() -> None:
+                while True:
+                    await slow.write(b"X")
+                    await asyncio.sleep(0.05)  # the attacker's pace
+
+            trickler = asyncio.create_task(trickle())
+            try:
+                cut = await slow.closed_by_server(timeout_s=5)
+            finally:
+                trickler.cancel()
+                await asyncio.gather(trickler, return_exceptions=True)
+            assert cut.startswith(b"HTTP/1.1 408 ")
+            assert loop.time() - started < 2
+            assert await idle.closed_by_server(timeout_s=3) == b""
+
+
+async def test_metrics_max_connections_changes_on_a_reload(
+    agent: FakeAgentAPI, short_dir: Path, log_output: io.StringIO,
+) -> None:
+    """metrics_max_connections is a live setting: after a reload that raises it from 1 to 3,
+    two idle connections and a scrape are served side by side."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}",
+                            metrics_max_connections=1)
+    controls = Controls()
+    raised = settings.model_copy(update={"metrics_max_connections": 3})
+    served = asyncio.create_task(serve(settings, controls, reload_settings=lambda: raised))
+    try:
+        async with asyncio.timeout(10):
+            await controls.ready.wait()
+        controls.reload.set()
+        await until(lambda: '"config_reloaded"' in log_output.getvalue())
+        [reloaded] = [json.loads(line) for line in log_output.getvalue().splitlines()
+                      if '"config_reloaded"' in line]
+        assert reloaded["applied"] == ["metrics_max_connections"]
+        first = await RawClient.connect_tcp("127.0.0.1", port)
+        second = await RawClient.connect_tcp("127.0.0.1", port)
+        with first, second, await RawClient.connect_tcp("127.0.0.1", port) as scraper:
+            assert await scrape(scraper) == 200
+            assert first.quiet_and_open()
+            assert second.quiet_and_open()
+    finally:
+        controls.shutdown.set()
+        assert await served == 0
+
