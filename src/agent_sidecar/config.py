@@ -229,11 +229,12 @@ class Settings(BaseSettings):
         description="larger SSE events (or lines), and larger elements of GET /messages, "
         "from agentapi are dropped as they arrive; parsing one holds several times this",
     )
-    # GET /messages is agentapi's whole history (about 100 full screens at 8 MiB). It is
-    # read element by element; only callers that keep every message (send --reply,
-    # snapshot) hold memory in proportion to it, up to 4 bytes a character.
+    # GET /messages is agentapi's whole history (about 400 full screens at 32 MiB, and
+    # many more real turns). It is read element by element into what its reader keeps
+    # (the model; send --reply, the messages from its input on), so no memory grows with
+    # it: this cap bounds the bytes one read may take, not the peak.
     max_agentapi_response_bytes: int = Field(
-        8 * 1024 * 1024, ge=65536,
+        32 * 1024 * 1024, ge=65536,
         description="cap on one agentapi response body (GET /messages: the whole "
         "history), decompressed; a larger one is refused",
     )

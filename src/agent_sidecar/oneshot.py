@@ -39,10 +39,12 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
             log_url_warnings(settings)
         conversation = pipeline.conversation
         try:
-            messages = await pipeline.agentapi.messages(conversation.retain_chars)
+            # Into the model, which keeps what a snapshot can use, not the whole history.
+            await pipeline.agentapi.read_messages(conversation.retain_chars, conversation.upsert)
         except (AgentAPIUnavailable, AgentAPIError) as exc:
             print(f"agent-sidecar: cannot read the conversation: {exc}", file=sys.stderr)
             return 1
+        messages = conversation.messages()
         packed = pack(messages, settings.max_snapshot_bytes)
         if output is not None:
             await asyncio.to_thread(output.write_bytes, packed.body)
@@ -51,7 +53,6 @@ async def snapshot(settings: Settings, *, output: Path | None, upload: bool,
             sys.stdout.flush()
         if not upload:
             return 0
-        conversation.replace(messages, None)
         if not conversation.has_user:
             print("agent-sidecar: nothing uploaded: the conversation has no user message, "
                   "and uploading it would replace the stored history", file=sys.stderr)

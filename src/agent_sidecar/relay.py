@@ -491,7 +491,11 @@ class Relay:
                 if turn is not None:
                     await turn
                     turn_over = True
-                messages = await self.agentapi.messages(REPLY_MAX_CHARS)
+                # Only the messages from the input on: what the reply can hold, so that a
+                # long /messages costs one element's memory, not the whole history's.
+                messages = []
+                await self.agentapi.read_messages(
+                    REPLY_MAX_CHARS, lambda m: messages.append(m) if m.id >= before else None)
         except TimeoutError:
             if not turn_over:
                 return error(504, "The input was delivered, but the agent's reply did not "

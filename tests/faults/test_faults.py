@@ -208,7 +208,10 @@ async def test_garbage_from_agentapi_is_survived_and_logged_at_a_bounded_rate(
 ) -> None:
     """Invalid JSON, unknown events, a 10 MB event and a stream cut mid-event: logged at a
     bounded rate, no crash, and the sidecar recovers."""
-    env = env_for(short_dir, coderd, AGENT_SIDECAR_SETTLE_S="0.1")
+    # The 10 MB event is one it must keep: above it, the default 2 MiB cap drops it
+    # (test_peer_bounds.py pins that).
+    env = env_for(short_dir, coderd, AGENT_SIDECAR_SETTLE_S="0.1",
+                  AGENT_SIDECAR_MAX_EVENT_BYTES=str(16 * 1024 * 1024))
     async with sidecar(agent, env) as process:
         agent.add_message("user", "hello")
         await converged(coderd, agent)
