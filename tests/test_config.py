@@ -183,6 +183,9 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
         config.load(config_file=bad)
 
 
+SECRET_ARG = "3f1c2a9e-7b4d-4e7a-9c1b-0123456789ab"
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent_sidecar", *args], capture_output=True, text=True,
@@ -243,6 +246,26 @@ def test_config_command_exits_2_when_invalid() -> None:
     proc = run_cli("config", "--settle-s", "-1")
     assert proc.returncode == 2
     assert "invalid settle_s" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("config", "--coder-token", SECRET_ARG),
+    ("run", "--coder-tok", SECRET_ARG),
+    ("run", f"--coder-token={SECRET_ARG}"),
+    ("config", "--json", SECRET_ARG),
+    ("check", "--socket", "/tmp/x", SECRET_ARG),
+])
+def test_a_token_typed_as_a_flag_is_refused_and_never_echoed(args: tuple[str, ...]) -> None:
+    """A token passed as `--coder-token` (or any abbreviation, or a stray argument) is a
+    usage error, exit 2, that names only the option and says where the token goes; the
+    value appears in no output, and is never read as --coder-token-file."""
+    proc = run_cli(*args, env={"CODER_AGENT_URL": "https://coder.example"})
+    assert proc.returncode == 2, proc.stderr
+    assert SECRET_ARG not in proc.stdout + proc.stderr
+    assert "unrecognized arguments" in proc.stderr
+    assert "coder_token_file" not in proc.stderr
+    if "tok" in args[1]:
+        assert "CODER_AGENT_TOKEN" in proc.stderr
 
 
 def test_help_lists_every_setting_but_the_token() -> None:

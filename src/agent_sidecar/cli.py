@@ -97,8 +97,21 @@ class _Parser(argparse.ArgumentParser):
     names (the top-level parser reports unknown arguments of every command)."""
 
     def __init__(self, *args: Any, command: str | None = None, **kwargs: Any) -> None:
+        # No abbreviations: `--coder-token SECRET` must not be taken for --coder-token-file,
+        # which would put the token in argv's meaning and in the error that names the file.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.command = command
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog == "agent-sidecar":
+            # argparse would name every unrecognized argument, values included: one may be
+            # the token. Only option names are shown.
+            self.error(_unrecognized(extras))
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         command = self.command or self.prog.rpartition(" ")[2]
@@ -110,6 +123,21 @@ class _Parser(argparse.ArgumentParser):
                      plain=[*usage.splitlines(), f"{self.prog}: error: {message}"],
                      usage=" ".join(usage.split()))
         sys.exit(EXIT_CONFIG)
+
+
+def _unrecognized(extras: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments" without their values, which may be secrets:
+    option names as far as their `=`, and a count of the rest. Says where the token goes
+    when one of them looks like a token flag."""
+    names = [arg.partition("=")[0] for arg in extras if arg.startswith("-")]
+    hidden = len(extras) - len(names)
+    text = "unrecognized arguments: " + " ".join(names)
+    if hidden:
+        text += f"{' and ' if names else ''}{hidden} value{'s' * (hidden > 1)} (not shown)"
+    if any("tok" in name.lower() for name in names):
+        text += ("; the agent token is never a flag, where any local user could read it: "
+                 "set CODER_AGENT_TOKEN, or CODER_AGENT_TOKEN_FILE (--coder-token-file PATH)")
+    return text
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
