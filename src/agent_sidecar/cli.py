@@ -103,16 +103,6 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.command = command
 
-    def parse_known_args(self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None,
-                         ) -> tuple[argparse.Namespace, list[str]]:
-        namespace, extras = super().parse_known_args(args, namespace)
-        if extras and self.prog == "agent-sidecar":
-            # argparse would name every unrecognized argument, values included: one may be
-            # the token. Only option names are shown.
-            self.error(_unrecognized(extras))
-        return namespace, extras
-
     def error(self, message: str) -> NoReturn:
         command = self.command or self.prog.rpartition(" ")[2]
         if command not in _HEAVY:
@@ -744,7 +734,12 @@ def _say_refused(event: str, problems: list[str], fmt: str, *,
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse would name every unrecognized argument, values included: one may be
+        # the token. Only option names are shown.
+        parser.error(_unrecognized(extras))
     try:
         code = _COMMANDS[args.command](args)
     except client.ClientError as exc:
