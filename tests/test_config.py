@@ -268,6 +268,17 @@ def test_a_token_typed_as_a_flag_is_refused_and_never_echoed(args: tuple[str, ..
         assert "CODER_AGENT_TOKEN" in proc.stderr
 
 
+def test_help_names_each_setting_value_by_its_unit() -> None:
+    """`run --help` shows a seconds setting's value as SECONDS, a byte cap's as BYTES and a
+    count's (relay_max_connections) as COUNT, never a unit it does not have."""
+    proc = run_cli("run", "--help")
+    text = " ".join(proc.stdout.split())
+    assert "--settle-s SECONDS" in text
+    assert "--max-event-bytes BYTES" in text
+    assert "--relay-max-connections COUNT" in text
+    assert "--metrics-max-connections COUNT" in text
+
+
 def test_help_lists_every_setting_but_the_token() -> None:
     """`run --help` documents each setting with its environment variable, and has no token flag."""
     proc = run_cli("run", "--help")

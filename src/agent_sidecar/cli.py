@@ -214,7 +214,9 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         env = " or ".join(config.env_names(name))
         default = info.get_default(call_default_factory=True)
         shown = "" if default is None else f", default {default}"
-        metavar = _METAVARS.get(name) or ("BYTES" if name.endswith("_bytes") else "SECONDS")
+        metavar = _METAVARS.get(name) or (
+            "BYTES" if name.endswith("_bytes") else "SECONDS" if name.endswith("_s")
+            else "COUNT")
         group.add_argument(config.flag_name(name), dest=name, metavar=metavar,
                            help=f"{info.description} (env {env}{shown})")
 
