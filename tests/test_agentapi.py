@@ -138,6 +138,34 @@ async def test_polling_fallback_without_events() -> None:
                         wake=conv.changed.wait)
 
 
+class _HtmlFront(FakeAgentAPI):
+    """An agentapi behind a front whose catch-all answers GET /events with a 200 HTML page."""
+
+    def routes(self) -> list[web.RouteDef]:
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(text="<html><body>Sign in</body></html>",
+                                content_type="text/html")
+
+        return [web.get("/events", page)] + [
+            r for r in super().routes() if getattr(r, "path", "") != "/events"]
+
+
+async def test_an_events_answer_that_is_not_a_stream_falls_back_to_polling(
+    log_output: io.StringIO,
+) -> None:
+    """A 200 on /events whose Content-Type is not text/event-stream (a front's HTML page) is
+    named in one warning and followed by polling, not retried as a stream that ended."""
+    async with _HtmlFront() as agent:
+        agent.add_message("user", "polled behind a front")
+        async with following(agent.url) as (client, conv):
+            await until(lambda: state(conv) == fake_state(agent), wake=conv.changed.wait)
+            assert client.state.mode == "polling"
+            assert client.state.reconnects == 0
+    [warning] = [json.loads(line) for line in log_output.getvalue().splitlines()
+                 if '"agentapi_no_events"' in line]
+    assert "'text/html', not text/event-stream" in warning["detail"]
+
+
 async def test_follower_waits_for_agentapi_to_come_up() -> None:
     """If agentapi is not up yet, the follower keeps retrying and connects once it is."""
     agent = FakeAgentAPI()

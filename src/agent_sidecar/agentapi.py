@@ -528,9 +528,10 @@ class AgentAPI:
             try:
                 await self._stream(conversation)
                 reason = "stream ended"
-            except _NoEvents:
+            except _NoEvents as exc:
                 self.state.mode = "polling"
-                log.warning("agentapi_no_events", detail="falling back to polling /messages")
+                log.warning("agentapi_no_events", detail=f"{exc}; polling /messages, and "
+                            f"trying /events again every {EVENTS_RETRY_S:g}s")
                 await self._poll(conversation, clock)
                 self.state.mode = "events"
                 continue
@@ -562,7 +563,7 @@ class AgentAPI:
         async with self._get("/events", wait_s=self.settings.agentapi_timeout_s,
                              headers={"Accept": "text/event-stream"}) as resp:
             if resp.status in (404, 405):
-                raise _NoEvents
+                raise _NoEvents(f"GET /events answered {resp.status}")
             if resp.status != 200:
                 # e.g. agentapi's Host allow-list: "Invalid host header. Allowed hosts: ..."
                 try:
@@ -582,6 +583,12 @@ class AgentAPI:
                 raise AgentAPIError(
                     f"GET /events answered with Content-Encoding {shown!r}; agentapi never "
                     "compresses its event stream, so it is refused")
+            media = resp.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if media and media != "text/event-stream":
+                # agentapi always answers text/event-stream here; an HTML page is a front's
+                # (a catch-all route, a login page): not a stream to wait on, so poll.
+                raise _NoEvents(f"GET /events answered 200 with Content-Type "
+                                f"{logs.clip(media, 60)!r}, not text/event-stream")
             follower = _Following(self, conversation)
             follower.start()
             try:
@@ -769,4 +776,4 @@ class _Following:
 
 
 class _NoEvents(Exception):
-    """This agentapi has no /events endpoint."""
+    """This agentapi has no /events endpoint; the message says how that was seen."""
