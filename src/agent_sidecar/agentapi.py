@@ -527,7 +527,7 @@ class AgentAPI:
             started = clock()
             try:
                 await self._stream(conversation)
-                reason = "stream ended"
+                reason = kind = "stream ended"
             except _NoEvents as exc:
                 self.state.mode = "polling"
                 log.warning("agentapi_no_events", detail=f"{exc}; polling /messages, and "
@@ -537,7 +537,7 @@ class AgentAPI:
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError,
                     AgentAPIUnavailable) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
                 if lost and not conversation.connected:  # the connect after it failed
                     self.state.gone.notify()
             lived = clock() - started
@@ -556,7 +556,10 @@ class AgentAPI:
                                            self.settings.reconnect_max_s)
             self.state.reconnects += 1
             self._on_event("reconnect")
-            log.warning("agentapi_disconnected", error=reason, retry_in_s=round(delay, 2))
+            # `error` is the kind, which the repeat limiter keys on; agentapi's words are
+            # the detail.
+            log.warning("agentapi_disconnected", error=kind, detail=logs.clip(reason, 300),
+                        retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 
     async def _stream(self, conversation: Conversation) -> None:
@@ -635,7 +638,8 @@ class AgentAPI:
                     self.state.gone.notify()  # it answered the last poll and not this one
                 conversation.set_connected(False)
                 self.state.last_error = str(exc)
-                log.warning("agentapi_poll_failed", error=str(exc))
+                log.warning("agentapi_poll_failed", error=type(exc).__name__,
+                            detail=logs.clip(str(exc), 300))
             await asyncio.sleep(self.settings.poll_interval_s)
 
 
