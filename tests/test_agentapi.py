@@ -509,6 +509,24 @@ async def test_one_bad_element_of_messages_is_dropped_alone(
     assert dropped["count"] == 1
 
 
+async def test_an_oversized_event_is_logged_naming_the_setting_and_limit(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """An SSE event over max_event_bytes is logged with the setting, its limit, and the
+    bytes that had arrived when it was dropped, named as a lower bound."""
+    async with following(agent.url, max_event_bytes=65536) as (_, conv):
+        await until(lambda: conv.connected, wake=conv.changed.wait)
+        agent.add_message("agent", "x" * 100_000)
+        await until(lambda: "agentapi_event_too_large" in log_output.getvalue())
+    [line] = [json.loads(x) for x in log_output.getvalue().splitlines()
+              if "agentapi_event_too_large" in x]
+    assert line["setting"] == "max_event_bytes"
+    assert line["limit"] == 65536
+    assert line["size_at_least"] > 65536
+    assert "max_event_bytes (65536 bytes)" in line["detail"]
+    assert "size" not in line
+
+
 async def test_polling_follows_the_good_messages_around_poison_ones(
     log_output: io.StringIO,
 ) -> None:

@@ -676,7 +676,13 @@ class _Following:
         client, live = self.client, self.live
         if isinstance(event, Oversized):
             client._on_event("oversized")
-            log.warning("agentapi_event_too_large", size=event.size)
+            limit = client.settings.max_event_bytes
+            # `size` is only what had arrived when the event was dropped: the rest of it
+            # is skipped unread, so its whole size is never known.
+            log.warning("agentapi_event_too_large", setting="max_event_bytes", limit=limit,
+                        size_at_least=event.size,
+                        detail=f"an event over max_event_bytes ({limit} bytes) was dropped "
+                               f"after {event.size} bytes of it had arrived")
             return
         if event.type not in ("message_update", "status_change"):
             return  # agent_error and whatever a newer agentapi adds
