@@ -509,6 +509,24 @@ async def test_one_bad_element_of_messages_is_dropped_alone(
     assert dropped["count"] == 1
 
 
+async def test_read_messages_tells_its_caller_what_it_dropped_and_where() -> None:
+    """read_messages returns its drop counts by reason, and `on_drop` gets each drop in its
+    place among the messages, so a caller can tell which part of the history lost one."""
+    body = messages_body(good_message(0, "user"), POISONS["larger than max_event_bytes"],
+                         good_message(1), POISONS["broken JSON"])
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    seen: list[int | str] = []
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        client = client_for(session, url, max_event_bytes=65536)
+        dropped = await client.read_messages(65536, lambda m: seen.append(m.id), seen.append)
+    assert dropped == {"larger than max_event_bytes": 1, "invalid JSON": 1}
+    assert seen == [0, "larger than max_event_bytes", 1, "invalid JSON"]
+
+
 async def test_an_oversized_event_is_logged_naming_the_setting_and_limit(
     agent: FakeAgentAPI, log_output: io.StringIO,
 ) -> None:
