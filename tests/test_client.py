@@ -333,6 +333,27 @@ async def test_reply_prints_json_with_json(stub: StubRelay) -> None:
     assert json.loads(run.out) == REPLY
 
 
+async def test_an_incomplete_reply_is_printed_then_said_with_exit_6(stub: StubRelay) -> None:
+    """A reply the relay marks incomplete is printed, then one stderr line says why and
+    that the input was delivered (not to resend it), and send exits 6, not 0."""
+    stub.send_answer = (200, {**REPLY, "incomplete": "a message larger than max_event_bytes"})
+    run = await cli_run(*send(stub, "--reply", "run the tests"))
+    assert run.code == 6
+    assert run.out == "Done.\nAll 12 tests pass.\n\nAnything else?\n"
+    assert run.err == ("agent-sidecar: the answer above is incomplete: a message larger than "
+                       "max_event_bytes; the input was delivered: do not resend it\n")
+
+
+async def test_an_incomplete_reply_keeps_its_field_in_json(stub: StubRelay) -> None:
+    """send --reply --json prints the relay's `incomplete` with the messages, and exits 6."""
+    answer = {**REPLY, "incomplete": "the sidecar's own view"}
+    stub.send_answer = (200, answer)
+    run = await cli_run(*send(stub, "--reply", "--json", "x"))
+    assert run.code == 6
+    assert json.loads(run.out) == answer
+    assert "incomplete" in run.err
+
+
 async def test_a_malformed_reply_is_a_failure_that_says_it_was_delivered(
     stub: StubRelay,
 ) -> None:

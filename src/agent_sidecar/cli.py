@@ -36,6 +36,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
 EXIT_UNKNOWN = 4  # 504, or no answer: sent, outcome unknown; do not resend blindly
 EXIT_UNREACHABLE = 5  # 503, 408 or no connection: never sent
+EXIT_INCOMPLETE = 6  # 200 with "incomplete": delivered, part of the answer printed
 _SEND_EXITS = {204: EXIT_OK, 200: EXIT_OK, 400: EXIT_CONFIG, 413: EXIT_CONFIG,
                409: EXIT_BUSY, 502: EXIT_FAILURE, 503: EXIT_UNREACHABLE, 504: EXIT_UNKNOWN,
                408: EXIT_UNREACHABLE}
@@ -69,6 +70,8 @@ exit codes:
        do not resend it blindly
   5    never sent: the sidecar cannot be reached (or its socket is served by another
        user), it cannot reach agentapi (503), or the request was too slow to arrive (408)
+  6    with --reply: delivered, but the answer printed is incomplete (why on stderr);
+       do not resend it, it was delivered
   130  interrupted
 """
 
@@ -482,6 +485,13 @@ def _print_reply(data: Any, as_json: bool) -> int:
         print(json.dumps(data, indent=2))
     else:
         print("\n\n".join(m["content"].rstrip("\n") for m in messages))
+    incomplete = data.get("incomplete")
+    if incomplete:
+        # What there is was printed; exit 0 would say the whole answer was.
+        sys.stdout.flush()  # before the line on stderr, where both go to one terminal
+        print(f"agent-sidecar: the answer above is incomplete: {shown(incomplete)}; the "
+              "input was delivered: do not resend it", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return EXIT_OK
 
 
