@@ -840,6 +840,36 @@ async def test_a_reply_from_the_sidecars_view_is_said_incomplete(short_dir: Path
     assert "the sidecar's own view" in body["incomplete"]
 
 
+async def test_not_connected_names_the_followers_last_error(short_dir: Path) -> None:
+    """When the follower cannot read /messages (over max_agentapi_response_bytes while
+    polling), the 503 says so, not only that agentapi was not connected."""
+    agent = FakeAgentAPI(events=False)
+    async with agent, relay_env(agent, short_dir, max_agentapi_response_bytes=65536,
+                                poll_interval_s=0.02) as env:
+        agent.add_message("agent", "z" * 70_000)
+        await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
+        status, body = await env.send({"input": "hello", "wait_s": 0.2})
+    assert status == 503, body
+    assert "the follower's last error: GET /messages answered more than 65536 bytes " \
+           "(max_agentapi_response_bytes)" in body["detail"]
+    assert agent.received == []
+
+
+async def test_a_reply_that_cannot_be_followed_names_the_followers_last_error(
+    short_dir: Path,
+) -> None:
+    """A reply whose answer makes /messages too large to poll ends in a 504 naming the
+    follower's last error, not only that the agent was not stable again."""
+    agent = FakeAgentAPI(events=False, reply=lambda prompt: "z" * 70_000, chunks=1,
+                         chunk_delay_s=0.01, stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, max_agentapi_response_bytes=65536,
+                                poll_interval_s=0.02, send_timeout_s=1) as env:
+        status, body = await env.send({"input": "a long one", "reply": True})
+    assert status == 504, body
+    assert "max_agentapi_response_bytes" in body["detail"]
+    assert "do not resend" in body["detail"]
+
+
 # -- bad input is a 400, whatever it is (issue 15 item 12) --------------------------------
 
 

@@ -289,8 +289,8 @@ class Relay:
         except _NotReady:
             if not self.conversation.connected:
                 return error(503, "agentapi cannot be reached.",
-                             f"not connected to {self.agentapi.url} within {inp.wait_s:g}s; "
-                             "the input was not sent")
+                             f"not connected to {self.agentapi.url} within {inp.wait_s:g}s"
+                             f"{self._follower_error()}; the input was not sent")
             return error(409, "The agent is still busy.",
                          f"it did not become stable within {inp.wait_s:g}s; the input was not "
                          "sent; retry later or raise wait_s")
@@ -458,6 +458,15 @@ class Relay:
             return self._probed[1]
         return None
 
+    def _follower_error(self) -> str:
+        """The follower's last error, as a clause for a detail ("" when it has none): an
+        agentapi that answers but whose /messages cannot be read (over
+        max_agentapi_response_bytes, say) must not read as one that cannot be reached."""
+        last = self.agentapi.state.last_error
+        if not last:
+            return ""
+        return f"; the follower's last error: {logs.clip(last, DETAIL_CHARS)}"
+
     def _connect_s(self, wait_until: float) -> float:
         """How long connecting to agentapi (or asking it for its transport) may take: what
         is left of wait_s, but at least CONNECT_FLOOR_S and at most agentapi_timeout_s."""
@@ -552,7 +561,7 @@ class Relay:
                 return error(504, "The input was delivered, but the agent's reply did not "
                              "finish in time.",
                              f"the agent was not stable again within {timeout_s:g}s of the "
-                             "send; do not resend it")
+                             f"send{self._follower_error()}; do not resend it")
             from_view = f"agentapi did not answer GET /messages within {timeout_s:g}s"
         except (AgentAPIError, AgentAPIUnavailable) as exc:
             from_view = logs.clip(str(exc), DETAIL_CHARS)
