@@ -354,6 +354,26 @@ async def test_an_incomplete_reply_keeps_its_field_in_json(stub: StubRelay) -> N
     assert "incomplete" in run.err
 
 
+@pytest.mark.parametrize("args", [("status", "--json"), ("check",), ("send", "--reply", "x")])
+async def test_output_into_a_closed_pipe_exits_141_quietly(
+    stub: StubRelay, args: tuple[str, ...],
+) -> None:
+    """Writing into a pipe whose reader left (`| head -1`) ends the command with 141 and
+    nothing on stderr, never a BrokenPipeError traceback."""
+    stub.send_answer = (200, REPLY)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent_sidecar", *args, "--socket", str(stub.socket),
+            env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=write_end,
+            stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
 async def test_a_malformed_reply_is_a_failure_that_says_it_was_delivered(
     stub: StubRelay,
 ) -> None:

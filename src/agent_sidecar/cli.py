@@ -31,6 +31,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # bad configuration or usage: retrying will not help
 EXIT_INTERRUPTED = 130
+# stdout or stderr is a pipe whose reader left (`status --json | head -1`): 128 + SIGPIPE,
+# what the shell reports for a program the signal ended, as it would have ended us.
+EXIT_PIPE_CLOSED = 141
 
 # `send`'s exit codes, from the relay's answer (README: "The relay API").
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
@@ -56,8 +59,9 @@ CODER_AGENT_URL, CODER_AGENT_TOKEN, CODER_AGENT_TOKEN_FILE), then the TOML file 
 """
 
 _EPILOG = """\
-exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice;
-`send` has more (see `agent-sidecar send --help`).
+exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice,
+141 the output was a pipe closed by its reader; `send` has more (see
+`agent-sidecar send --help`).
 """
 
 _SEND_EPILOG = """\
@@ -73,6 +77,7 @@ exit codes:
   6    with --reply: delivered, but the answer printed is incomplete (why on stderr);
        do not resend it, it was delivered
   130  interrupted
+  141  the output was a pipe closed by its reader
 """
 
 
@@ -742,6 +747,22 @@ def _say_refused(event: str, problems: list[str], fmt: str, *,
         print(prefix + line, file=sys.stderr)
 
 
+def _pipe_closed() -> int:
+    """Our reader left (`| head -1`): say nothing more, as programs the SIGPIPE ends do.
+    stdout and stderr point at /dev/null from here, so the interpreter's own flush at
+    exit (which would fail on the closed pipe again) has nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        # A stream without a descriptor (a test's StringIO) has nothing to redirect.
+        # Not contextlib.suppress: the light commands do not import contextlib.
+        try:  # noqa: SIM105
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass
+    os.close(devnull)
+    return EXIT_PIPE_CLOSED
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -752,6 +773,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         parser.error(_unrecognized(extras))
     try:
         code = _COMMANDS[args.command](args)
+        # A closed pipe shows at the flush; left to the interpreter's exit, it would be
+        # an "Exception ignored" traceback.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _pipe_closed()
     except client.ClientError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
