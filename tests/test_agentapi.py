@@ -538,6 +538,42 @@ async def test_one_bad_element_of_messages_is_dropped_alone(
     assert dropped["count"] == 1
 
 
+async def test_read_messages_tells_its_caller_what_it_dropped_and_where() -> None:
+    """read_messages returns its drop counts by reason, and `on_drop` gets each drop in its
+    place among the messages, so a caller can tell which part of the history lost one."""
+    body = messages_body(good_message(0, "user"), POISONS["larger than max_event_bytes"],
+                         good_message(1), POISONS["broken JSON"])
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    seen: list[int | str] = []
+    async with serving(web.get("/messages", answer)) as url, \
+            aiohttp.ClientSession() as session:
+        client = client_for(session, url, max_event_bytes=65536)
+        dropped = await client.read_messages(65536, lambda m: seen.append(m.id), seen.append)
+    assert dropped == {"larger than max_event_bytes": 1, "invalid JSON": 1}
+    assert seen == [0, "larger than max_event_bytes", 1, "invalid JSON"]
+
+
+async def test_an_oversized_event_is_logged_naming_the_setting_and_limit(
+    agent: FakeAgentAPI, log_output: io.StringIO,
+) -> None:
+    """An SSE event over max_event_bytes is logged with the setting, its limit, and the
+    bytes that had arrived when it was dropped, named as a lower bound."""
+    async with following(agent.url, max_event_bytes=65536) as (_, conv):
+        await until(lambda: conv.connected, wake=conv.changed.wait)
+        agent.add_message("agent", "x" * 100_000)
+        await until(lambda: "agentapi_event_too_large" in log_output.getvalue())
+    [line] = [json.loads(x) for x in log_output.getvalue().splitlines()
+              if "agentapi_event_too_large" in x]
+    assert line["setting"] == "max_event_bytes"
+    assert line["limit"] == 65536
+    assert line["size_at_least"] > 65536
+    assert "max_event_bytes (65536 bytes)" in line["detail"]
+    assert "size" not in line
+
+
 async def test_polling_follows_the_good_messages_around_poison_ones(
     log_output: io.StringIO,
 ) -> None:

@@ -333,6 +333,47 @@ async def test_reply_prints_json_with_json(stub: StubRelay) -> None:
     assert json.loads(run.out) == REPLY
 
 
+async def test_an_incomplete_reply_is_printed_then_said_with_exit_6(stub: StubRelay) -> None:
+    """A reply the relay marks incomplete is printed, then one stderr line says why and
+    that the input was delivered (not to resend it), and send exits 6, not 0."""
+    stub.send_answer = (200, {**REPLY, "incomplete": "a message larger than max_event_bytes"})
+    run = await cli_run(*send(stub, "--reply", "run the tests"))
+    assert run.code == 6
+    assert run.out == "Done.\nAll 12 tests pass.\n\nAnything else?\n"
+    assert run.err == ("agent-sidecar: the answer above is incomplete: a message larger than "
+                       "max_event_bytes; the input was delivered: do not resend it\n")
+
+
+async def test_an_incomplete_reply_keeps_its_field_in_json(stub: StubRelay) -> None:
+    """send --reply --json prints the relay's `incomplete` with the messages, and exits 6."""
+    answer = {**REPLY, "incomplete": "the sidecar's own view"}
+    stub.send_answer = (200, answer)
+    run = await cli_run(*send(stub, "--reply", "--json", "x"))
+    assert run.code == 6
+    assert json.loads(run.out) == answer
+    assert "incomplete" in run.err
+
+
+@pytest.mark.parametrize("args", [("status", "--json"), ("check",), ("send", "--reply", "x")])
+async def test_output_into_a_closed_pipe_exits_141_quietly(
+    stub: StubRelay, args: tuple[str, ...],
+) -> None:
+    """Writing into a pipe whose reader left (`| head -1`) ends the command with 141 and
+    nothing on stderr, never a BrokenPipeError traceback."""
+    stub.send_answer = (200, REPLY)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent_sidecar", *args, "--socket", str(stub.socket),
+            env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=write_end,
+            stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
 async def test_a_malformed_reply_is_a_failure_that_says_it_was_delivered(
     stub: StubRelay,
 ) -> None:

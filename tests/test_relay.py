@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from standins import VERSIONS, FakeAgentAPI, Version, problem
+from standins import VERSIONS, FakeAgentAPI, FakeMessage, Version, problem
 
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.conversation import Conversation, Message
@@ -756,6 +756,118 @@ def test_reply_to_takes_the_messages_after_the_delivered_input_up_to_the_next() 
     assert [x.id for x in reply_to(messages, 3, "mine")] == [6, 7]
     assert [x.id for x in reply_to(messages, 3, "not there")] == [4]
     assert reply_to(messages, 9, "mine") == []
+
+
+def test_reply_to_takes_the_last_input_with_its_text() -> None:
+    """When another client's identical input is also at or after `before`, reply_to answers
+    with what follows the last one, the relay's (another after it would have waited for
+    the relay's turn to end)."""
+    def m(id_: int, role: str, text: str) -> Message:
+        return Message(id_, role, text, "2026-01-01T00:00:00Z")
+
+    messages = [m(0, "agent", "hi"), m(1, "user", "yes"), m(2, "agent", "to the other"),
+                m(3, "user", "yes"), m(4, "agent", "to us")]
+    assert [x.id for x in reply_to(messages, 1, "yes")] == [4]
+
+
+def hide(agent: FakeAgentAPI, role: str, content: str) -> None:
+    """A message agentapi has and the follower has not seen yet: as a poll interval's lag
+    in polling mode, or another client's input just before ours."""
+    agent.messages.append(FakeMessage(agent._next_id, role, content))
+    agent._next_id += 1
+
+
+async def test_a_reply_is_not_anothers_answer_to_the_same_text_the_view_lacks(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """Another client's identical input and its answer, in agentapi but not yet in the
+    sidecar's view, do not become the reply: where the input lands is asked of agentapi
+    just before posting."""
+    async with relay_env(agent, short_dir) as env:
+        hide(agent, "user", "yes")
+        hide(agent, "agent", "the OLD answer")
+        status, body = await env.send({"input": "yes", "reply": True})
+    assert status == 200, body
+    assert [m["content"] for m in body["messages"]] == [echo_reply("yes")]
+    assert body["messages"][0]["id"] == agent.messages[-1].id
+    assert "incomplete" not in body
+
+
+async def test_a_reply_after_agentapi_restarted_unseen_is_its_new_answer(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """After agentapi's history shrank (a restart, ids from 0) and before the sidecar saw
+    it, a reply still finds its answer under the new, lower ids."""
+    async with relay_env(agent, short_dir) as env:
+        for i in range(3):
+            agent.add_message("user", f"q{i}")
+            agent.add_message("agent", f"a{i}")
+        await until(lambda: env.conv.count == 7, wake=env.conv.changed.wait)
+        agent.messages = [FakeMessage(0, "agent", "")]  # restarted, the stream not dropped
+        agent._next_id = 1
+        status, body = await env.send({"input": "hi again", "reply": True})
+    assert status == 200, body
+    assert [(m["id"], m["content"]) for m in body["messages"]] == [(2, echo_reply("hi again"))]
+    assert "incomplete" not in body
+
+
+async def test_a_reply_larger_than_max_event_bytes_is_said_incomplete(
+    short_dir: Path,
+) -> None:
+    """An answer larger than max_event_bytes is dropped from /messages: the reply says it
+    is incomplete, naming the setting and its limit, instead of a bare empty answer."""
+    agent = FakeAgentAPI(reply=lambda prompt: "x" * 70_000, chunks=1, chunk_delay_s=0.01,
+                         stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, max_event_bytes=65536) as env:
+        status, body = await env.send({"input": "a long one", "reply": True})
+    assert status == 200, body
+    assert body["messages"] == []
+    assert "1 larger than max_event_bytes (65536 bytes)" in body["incomplete"]
+
+
+async def test_a_reply_from_the_sidecars_view_is_said_incomplete(short_dir: Path) -> None:
+    """When /messages cannot be read for the reply (over max_agentapi_response_bytes), the
+    answer from the sidecar's own view says it is incomplete and why, and keeps what the
+    view has (a message's last 64 KiB characters)."""
+    agent = FakeAgentAPI(reply=lambda prompt: "y" * 70_000, chunks=1, chunk_delay_s=0.01,
+                         stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, max_agentapi_response_bytes=65536,
+                                max_event_bytes=1 << 20) as env:
+        status, body = await env.send({"input": "a long one", "reply": True})
+    assert status == 200, body
+    assert [len(m["content"]) for m in body["messages"]] == [CODERD_MAX_BODY_BYTES]
+    assert "max_agentapi_response_bytes" in body["incomplete"]
+    assert "the sidecar's own view" in body["incomplete"]
+
+
+async def test_not_connected_names_the_followers_last_error(short_dir: Path) -> None:
+    """When the follower cannot read /messages (over max_agentapi_response_bytes while
+    polling), the 503 says so, not only that agentapi was not connected."""
+    agent = FakeAgentAPI(events=False)
+    async with agent, relay_env(agent, short_dir, max_agentapi_response_bytes=65536,
+                                poll_interval_s=0.02) as env:
+        agent.add_message("agent", "z" * 70_000)
+        await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
+        status, body = await env.send({"input": "hello", "wait_s": 0.2})
+    assert status == 503, body
+    assert "the follower's last error: GET /messages answered more than 65536 bytes " \
+           "(max_agentapi_response_bytes)" in body["detail"]
+    assert agent.received == []
+
+
+async def test_a_reply_that_cannot_be_followed_names_the_followers_last_error(
+    short_dir: Path,
+) -> None:
+    """A reply whose answer makes /messages too large to poll ends in a 504 naming the
+    follower's last error, not only that the agent was not stable again."""
+    agent = FakeAgentAPI(events=False, reply=lambda prompt: "z" * 70_000, chunks=1,
+                         chunk_delay_s=0.01, stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, max_agentapi_response_bytes=65536,
+                                poll_interval_s=0.02, send_timeout_s=1) as env:
+        status, body = await env.send({"input": "a long one", "reply": True})
+    assert status == 504, body
+    assert "max_agentapi_response_bytes" in body["detail"]
+    assert "do not resend" in body["detail"]
 
 
 # -- bad input is a 400, whatever it is (issue 15 item 12) --------------------------------

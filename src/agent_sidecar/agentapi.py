@@ -195,26 +195,24 @@ def _loads(body: bytes | str) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-def _element(element: bytes | TooLarge, retain_chars: int,
-             dropped: dict[str, int]) -> Message | None:
-    """One element of /messages as a Message, or None with the reason counted in
-    `dropped` (fixed texts, never the peer's)."""
+TOO_LARGE = "larger than max_event_bytes"  # the reason an oversized element is dropped
+
+
+def _element(element: bytes | TooLarge, retain_chars: int) -> Message | str:
+    """One element of /messages as a Message, or why it cannot be used (fixed texts,
+    never the peer's)."""
     if isinstance(element, TooLarge):
-        reason = "larger than max_event_bytes"
-    else:
-        try:
-            data = _loads(element.decode("utf-8", "replace"))
-        except ValueError:  # the int digit limit and nesting too deep included
-            reason = "invalid JSON"
-        else:
-            try:
-                if not isinstance(data, dict):
-                    raise BadMessage("not an object")
-                return parse_message(data, "content", retain_chars)
-            except BadMessage as exc:
-                reason = str(exc)
-    dropped[reason] = dropped.get(reason, 0) + 1
-    return None
+        return TOO_LARGE
+    try:
+        data = _loads(element.decode("utf-8", "replace"))
+    except ValueError:  # the int digit limit and nesting too deep included
+        return "invalid JSON"
+    try:
+        if not isinstance(data, dict):
+            raise BadMessage("not an object")
+        return parse_message(data, "content", retain_chars)
+    except BadMessage as exc:
+        return str(exc)
 
 
 def _below(limit: int, each: Callable[[Message], None]) -> Callable[[Message], None]:
@@ -388,14 +386,19 @@ class AgentAPI:
         await self.read_messages(retain_chars, out.append)
         return out
 
-    async def read_messages(self, retain_chars: int, each: Callable[[Message], None]) -> None:
+    async def read_messages(self, retain_chars: int, each: Callable[[Message], None],
+                            on_drop: Callable[[str], None] | None = None) -> dict[str, int]:
         """GET /messages, read as it arrives: `each` gets every usable message in order,
-        its content cut to its last `retain_chars` characters.
+        its content cut to its last `retain_chars` characters. Returns how many elements
+        were dropped, by reason (empty: none).
 
         An element that cannot be used is dropped and counted in one warning per answer
         (`agentapi_messages_dropped`): invalid JSON (ints past Python's digit limit and
-        nesting too deep included), larger than `max_event_bytes`, not an object, or a
-        message coderd could not take (parse_message). One whose time is unusable is kept
+        nesting too deep included), larger than `max_event_bytes` (TOO_LARGE), not an
+        object, or a message coderd could not take (parse_message). `on_drop` gets each
+        drop's reason in its place among the calls to `each`, so that a caller can tell
+        where in the history it fell (a dropped element has no id that can be trusted).
+        One whose time is unusable is kept
         with the time it was read (see conversation.go_time). The loop gets a turn after
         every piece of the body, so a long answer delays nothing else.
 
@@ -419,10 +422,14 @@ class AgentAPI:
                                             problem_detail(body))
                     async for piece in iter_capped(resp, cap):
                         for element in splitter.feed(piece):
-                            message = _element(element, retain_chars, dropped)
-                            if message is not None:
-                                replaced += message.time_replaced
-                                each(message)
+                            message = _element(element, retain_chars)
+                            if isinstance(message, str):
+                                dropped[message] = dropped.get(message, 0) + 1
+                                if on_drop is not None:
+                                    on_drop(message)
+                                continue
+                            replaced += message.time_replaced
+                            each(message)
                         await asyncio.sleep(0)  # between pieces, the loop runs
                     splitter.close()
             except TimeoutError:
@@ -447,6 +454,7 @@ class AgentAPI:
         if replaced:
             log.warning("agentapi_time_replaced", error="time is not RFC 3339 as coderd reads it",
                         count=replaced)
+        return dropped
 
     async def status_info(self) -> StatusInfo:
         """GET /status of any agentapi version: status, transport and agent type."""
@@ -687,7 +695,13 @@ class _Following:
         client, live = self.client, self.live
         if isinstance(event, Oversized):
             client._on_event("oversized")
-            log.warning("agentapi_event_too_large", size=event.size)
+            limit = client.settings.max_event_bytes
+            # `size` is only what had arrived when the event was dropped: the rest of it
+            # is skipped unread, so its whole size is never known.
+            log.warning("agentapi_event_too_large", setting="max_event_bytes", limit=limit,
+                        size_at_least=event.size,
+                        detail=f"an event over max_event_bytes ({limit} bytes) was dropped "
+                               f"after {event.size} bytes of it had arrived")
             return
         if event.type not in ("message_update", "status_change"):
             return  # agent_error and whatever a newer agentapi adds

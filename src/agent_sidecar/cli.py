@@ -31,11 +31,15 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # bad configuration or usage: retrying will not help
 EXIT_INTERRUPTED = 130
+# stdout or stderr is a pipe whose reader left (`status --json | head -1`): 128 + SIGPIPE,
+# what the shell reports for a program the signal ended, as it would have ended us.
+EXIT_PIPE_CLOSED = 141
 
 # `send`'s exit codes, from the relay's answer (README: "The relay API").
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
 EXIT_UNKNOWN = 4  # 504, or no answer: sent, outcome unknown; do not resend blindly
 EXIT_UNREACHABLE = 5  # 503, 408 or no connection: never sent
+EXIT_INCOMPLETE = 6  # 200 with "incomplete": delivered, part of the answer printed
 _SEND_EXITS = {204: EXIT_OK, 200: EXIT_OK, 400: EXIT_CONFIG, 413: EXIT_CONFIG,
                409: EXIT_BUSY, 502: EXIT_FAILURE, 503: EXIT_UNREACHABLE, 504: EXIT_UNKNOWN,
                408: EXIT_UNREACHABLE}
@@ -55,8 +59,9 @@ CODER_AGENT_URL, CODER_AGENT_TOKEN, CODER_AGENT_TOKEN_FILE), then the TOML file 
 """
 
 _EPILOG = """\
-exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice;
-`send` has more (see `agent-sidecar send --help`).
+exit codes: 0 ok, 1 failed, 2 bad configuration or usage, 130 interrupted twice,
+141 the output was a pipe closed by its reader; `send` has more (see
+`agent-sidecar send --help`).
 """
 
 _SEND_EPILOG = """\
@@ -69,7 +74,10 @@ exit codes:
        do not resend it blindly
   5    never sent: the sidecar cannot be reached (or its socket is served by another
        user), it cannot reach agentapi (503), or the request was too slow to arrive (408)
+  6    with --reply: delivered, but the answer printed is incomplete (why on stderr);
+       do not resend it, it was delivered
   130  interrupted
+  141  the output was a pipe closed by its reader
 """
 
 
@@ -484,6 +492,13 @@ def _print_reply(data: Any, as_json: bool) -> int:
         print(json.dumps(data, indent=2))
     else:
         print("\n\n".join(m["content"].rstrip("\n") for m in messages))
+    incomplete = data.get("incomplete")
+    if incomplete:
+        # What there is was printed; exit 0 would say the whole answer was.
+        sys.stdout.flush()  # before the line on stderr, where both go to one terminal
+        print(f"agent-sidecar: the answer above is incomplete: {shown(incomplete)}; the "
+              "input was delivered: do not resend it", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return EXIT_OK
 
 
@@ -734,6 +749,22 @@ def _say_refused(event: str, problems: list[str], fmt: str, *,
         print(prefix + line, file=sys.stderr)
 
 
+def _pipe_closed() -> int:
+    """Our reader left (`| head -1`): say nothing more, as programs the SIGPIPE ends do.
+    stdout and stderr point at /dev/null from here, so the interpreter's own flush at
+    exit (which would fail on the closed pipe again) has nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        # A stream without a descriptor (a test's StringIO) has nothing to redirect.
+        # Not contextlib.suppress: the light commands do not import contextlib.
+        try:  # noqa: SIM105
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass
+    os.close(devnull)
+    return EXIT_PIPE_CLOSED
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -744,6 +775,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         parser.error(_unrecognized(extras))
     try:
         code = _COMMANDS[args.command](args)
+        # A closed pipe shows at the flush; left to the interpreter's exit, it would be
+        # an "Exception ignored" traceback.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _pipe_closed()
     except client.ClientError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         code = EXIT_FAILURE

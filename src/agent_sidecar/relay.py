@@ -34,6 +34,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent_sidecar import logs
 from agent_sidecar.agentapi import (
+    TOO_LARGE,
     AgentAPI,
     AgentAPIError,
     AgentAPIUnavailable,
@@ -288,8 +289,8 @@ class Relay:
         except _NotReady:
             if not self.conversation.connected:
                 return error(503, "agentapi cannot be reached.",
-                             f"not connected to {self.agentapi.url} within {inp.wait_s:g}s; "
-                             "the input was not sent")
+                             f"not connected to {self.agentapi.url} within {inp.wait_s:g}s"
+                             f"{self._follower_error()}; the input was not sent")
             return error(409, "The agent is still busy.",
                          f"it did not become stable within {inp.wait_s:g}s; the input was not "
                          "sent; retry later or raise wait_s")
@@ -346,8 +347,13 @@ class Relay:
                 acp = await self._transport(wait_until) == "acp"
                 timeout_s = (self.settings.acp_turn_timeout_s if acp
                              else self.settings.send_timeout_s)
-                before = self.conversation.count
-                turn = (asyncio.ensure_future(self._turn_over(before))
+                # With a reply, where the input will land is asked of agentapi itself:
+                # the model can be a poll interval stale (another client's input and its
+                # answer missing) or from before an agentapi restart (ids too high).
+                placed = (await self._next_id(wait_until) if inp.reply
+                          else _Placed(self.conversation.count))
+                before = placed.next_id
+                turn = (asyncio.ensure_future(self._turn_over(before, inp.text))
                         if inp.reply and not acp else None)
                 try:
                     await self._acquire(self._wire, wait_until)
@@ -357,7 +363,7 @@ class Relay:
                         self._wire.release()
                     if not inp.reply:
                         return web.Response(status=204)
-                    return await self._reply(inp, before, turn, answer_by, timeout_s)
+                    return await self._reply(inp, placed, turn, answer_by, timeout_s)
                 except NotStable:
                     # Our view lags agentapi's; nothing was typed. Wait for the status to
                     # catch up, then again for stable, within the same budget.
@@ -452,6 +458,15 @@ class Relay:
             return self._probed[1]
         return None
 
+    def _follower_error(self) -> str:
+        """The follower's last error, as a clause for a detail ("" when it has none): an
+        agentapi that answers but whose /messages cannot be read (over
+        max_agentapi_response_bytes, say) must not read as one that cannot be reached."""
+        last = self.agentapi.state.last_error
+        if not last:
+            return ""
+        return f"; the follower's last error: {logs.clip(last, DETAIL_CHARS)}"
+
     def _connect_s(self, wait_until: float) -> float:
         """How long connecting to agentapi (or asking it for its transport) may take: what
         is left of wait_s, but at least CONNECT_FLOOR_S and at most agentapi_timeout_s."""
@@ -460,12 +475,13 @@ class Relay:
 
     # -- reply ---------------------------------------------------------------------------
 
-    async def _turn_over(self, before: int) -> None:
+    async def _turn_over(self, before: int, text: str) -> None:
         """Until the turn after a send over a PTY is over: the agent was seen running, then
         stable again; or, when polling is too slow to see it run, it is stable with a reply
         after the input (agentapi is `running` until its screen has been still for 2 s, so
         stable with a reply means the reply is whole). Started before the POST, so that no
-        status change is missed; `before` is the message count before it."""
+        status change is missed; `before` is agentapi's next id before it, `text` the
+        input."""
         conv = self.conversation
         running = False
         while True:
@@ -473,44 +489,126 @@ class Relay:
             if conv.connected and conv.status == "running":
                 running = True
             elif conv.connected and conv.status == "stable" and (
-                    running or self._replied_after(before)):
+                    running or self._replied_after(before, text)):
                 return
             await conv.wait_changed(version)
 
-    def _replied_after(self, before: int) -> bool:
+    def _replied_after(self, before: int, text: str) -> bool:
+        """The model's last message is the agent's, after our input. Our input is found by
+        its text: `before` is agentapi's, and a model not yet rebuilt after an agentapi
+        restart holds old messages at and after it (ids from 0 again)."""
         messages = self.conversation.messages()
-        return bool(messages) and messages[-1].role == "agent" and messages[-1].id > before
+        if not messages or messages[-1].role != "agent":
+            return False
+        mine = [m.id for m in messages if m.id >= before and m.role == "user" and (
+            m.content == text or (m.cut_chars and text.endswith(m.content)))]
+        return bool(mine) and messages[-1].id > mine[-1]
 
-    async def _reply(self, inp: Input, before: int, turn: asyncio.Future[None] | None,
+    async def _next_id(self, wait_until: float) -> _Placed:
+        """The id agentapi will give the next message, from a GET /messages read just
+        before the post (each message's content is cut to nothing as it is read, so only
+        the ids cost memory). Elements dropped after the newest usable one still took
+        ids. If the read fails, the model's count, with why."""
+        top = -1
+        trailing = 0  # elements dropped since the newest usable message
+
+        def seen(message: Message) -> None:
+            nonlocal top, trailing
+            top, trailing = max(top, message.id), 0
+
+        def dropped(_reason: str) -> None:
+            nonlocal trailing
+            trailing += 1
+
+        try:
+            # Within the send's own bound: the connect floor is in ANSWER_MARGIN_S.
+            async with asyncio.timeout(self._connect_s(wait_until)):
+                await self.agentapi.read_messages(0, seen, dropped)
+        except (AgentAPIError, AgentAPIUnavailable, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self._connect_s(wait_until):g}s"
+            log.warning("relay_reply_place_from_view", error=type(exc).__name__,
+                        detail=logs.clip(why, DETAIL_CHARS))
+            return _Placed(self.conversation.count, logs.clip(why, DETAIL_CHARS))
+        return _Placed(top + 1 + trailing)
+
+    async def _reply(self, inp: Input, placed: _Placed, turn: asyncio.Future[None] | None,
                      answer_by: float, timeout_s: float) -> web.Response:
         """200 with the agent's answer to the delivered input, once it is stable again (over
-        ACP the POST itself lasted the whole turn)."""
+        ACP the POST itself lasted the whole turn), and `incomplete` saying why when it
+        may lack a part."""
+        before = placed.next_id
         turn_over = turn is None
+        # Only the messages from the input on: what the reply can hold, so that a long
+        # /messages costs one element's memory, not the whole history's.
+        messages: list[Message] = []
+        unplaced: list[str] = []  # drops not known to come before the input
+
+        def take(message: Message) -> None:
+            if message.id < before:
+                unplaced.clear()  # every drop so far came before this older message
+            else:
+                messages.append(message)
+
+        from_view: str | None = None
         try:
             async with asyncio.timeout_at(answer_by):
                 if turn is not None:
                     await turn
                     turn_over = True
-                # Only the messages from the input on: what the reply can hold, so that a
-                # long /messages costs one element's memory, not the whole history's.
-                messages = []
-                await self.agentapi.read_messages(
-                    REPLY_MAX_CHARS, lambda m: messages.append(m) if m.id >= before else None)
+                await self.agentapi.read_messages(REPLY_MAX_CHARS, take, unplaced.append)
         except TimeoutError:
             if not turn_over:
                 return error(504, "The input was delivered, but the agent's reply did not "
                              "finish in time.",
                              f"the agent was not stable again within {timeout_s:g}s of the "
-                             "send; do not resend it")
-            messages = self.conversation.messages()  # agentapi is slow to answer: our view
+                             f"send{self._follower_error()}; do not resend it")
+            from_view = f"agentapi did not answer GET /messages within {timeout_s:g}s"
         except (AgentAPIError, AgentAPIUnavailable) as exc:
-            log.warning("relay_reply_from_view", error=type(exc).__name__,
-                        detail=logs.clip(str(exc), DETAIL_CHARS))
-            messages = self.conversation.messages()
+            from_view = logs.clip(str(exc), DETAIL_CHARS)
+        if from_view is not None:
+            log.warning("relay_reply_from_view", detail=from_view)
+            messages, unplaced = self.conversation.messages(), []
         reply = reply_to(messages, before, inp.text)
-        return web.json_response({"messages": [
+        incomplete = self._incomplete(reply, unplaced, from_view, placed.from_view)
+        body: dict[str, Any] = {"messages": [
             {"id": m.id, "role": m.role, "content": m.content, "time": m.time} for m in reply
-        ]})
+        ]}
+        if incomplete:
+            log.warning("relay_reply_incomplete", detail=incomplete)
+            body["incomplete"] = incomplete
+        return web.json_response(body)
+
+    def _incomplete(self, reply: list[Message], unplaced: list[str], from_view: str | None,
+                    placed_from_view: str | None) -> str:
+        """Why the reply may lack part of the agent's answer, naming the setting or limit
+        that cut it; "" when nothing is known to be missing."""
+        why: list[str] = []
+        if from_view is not None:
+            retain = self.conversation.retain_chars
+            why.append(f"agentapi's /messages could not be read ({from_view}), so this is "
+                       f"the sidecar's own view, which keeps only the last {retain} "
+                       "characters of a message and the newest messages")
+        elif any(m.cut_chars for m in reply):
+            why.append(f"a message was cut to its last {REPLY_MAX_CHARS} characters (the "
+                       "relay's cap on a reply)")
+        if unplaced:
+            counts: dict[str, int] = {}
+            for reason in unplaced:
+                counts[reason] = counts.get(reason, 0) + 1
+            shown = ", ".join(
+                f"{n} {reason}" + (f" ({self.settings.max_event_bytes} bytes)"
+                                   if reason == TOO_LARGE else "")
+                for reason, n in counts.items())
+            why.append(f"agentapi's /messages held elements from the input on that were "
+                       f"dropped: {shown}")
+        if not any(m.role == "agent" for m in reply):
+            text = "agentapi lists no agent message after the delivered input"
+            if placed_from_view is not None:
+                text += (" (where the input landed was taken from the sidecar's view, which "
+                         f"may be stale: GET /messages failed before the post: "
+                         f"{placed_from_view})")
+            why.append(text)
+        return "; ".join(why)
 
     # -- GET -----------------------------------------------------------------------------
 
@@ -568,14 +666,26 @@ class Relay:
         return resp
 
 
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """Where a reply's input lands: the id agentapi gives the next message, and why it
+    was taken from the sidecar's view instead (None: agentapi said)."""
+
+    next_id: int
+    from_view: str | None = None
+
+
 def reply_to(messages: list[Message], before: int, text: str) -> list[Message]:
-    """The agent's answer to the user message `text` posted when the conversation had
-    `before` messages: the messages after that user message, up to the next user message.
-    The user message is the first with id >= `before` and this text (else the first user
-    message from there)."""
+    """The agent's answer to the user message `text` posted when agentapi's next id was
+    `before`: the messages after that user message, up to the next user message.
+    The user message is the last with id >= `before` and this text (else the first user
+    message from there): should `before` be too low, an identical input of another
+    client's is older than ours, and one posted after ours had to wait for our turn to end
+    (agentapi takes input only while the agent is stable)."""
     ordered = sorted((m for m in messages if m.id >= before), key=lambda m: m.id)
     users = [m for m in ordered if m.role == "user"]
-    mine = next((m for m in users if m.content == text), users[0] if users else None)
+    mine = next((m for m in reversed(users) if m.content == text),
+                users[0] if users else None)
     if mine is None:
         return [m for m in ordered if m.role == "agent"]
     answer: list[Message] = []
