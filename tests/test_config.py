@@ -278,3 +278,31 @@ def test_help_lists_every_setting_but_the_token() -> None:
     assert "--coder-token " not in proc.stdout
     assert "AGENT_SIDECAR_SETTLE_S" in proc.stdout
     assert "CODER_AGENT_URL" in proc.stdout
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+@pytest.mark.parametrize("source", ["env", "flag", "file"])
+def test_nan_and_infinities_are_refused_as_not_finite(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str, source: str,
+) -> None:
+    """A NaN or an infinity in a float setting, from the environment, a flag or the TOML
+    file, is refused with one line saying a finite number is required, not a range."""
+    flags: dict[str, str] = {}
+    path = None
+    if source == "env":
+        monkeypatch.setenv("AGENT_SIDECAR_SETTLE_S", value)
+        where = "env AGENT_SIDECAR_SETTLE_S"
+    elif source == "flag":
+        flags["settle_s"] = value
+        where = "flag --settle-s"
+    else:
+        # TOML spells them nan, inf, -inf only; the others are not TOML floats at all.
+        toml = {"NaN": "nan", "Infinity": "+inf"}.get(value, value)
+        path = tmp_path / "c.toml"
+        path.write_text(f"settle_s = {toml}\n")
+        where = f"file {path}"
+    with pytest.raises(ConfigError) as err:
+        config.load(flags, config_file=path)
+    [line] = str(err.value).splitlines()
+    assert line.startswith(f"invalid settle_s (from {where}): must be a finite number"), line
+    assert "less than" not in line

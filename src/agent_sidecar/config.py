@@ -131,10 +131,13 @@ class Settings(BaseSettings):
     # The environment is read by _EnvSource: exactly the names env_names() documents, so
     # the light client (paths.py, AGENT_SIDECAR_SOCKET) reads the same variable by the same
     # rule, and no other spelling (another case, a bare field name) is quietly accepted.
+    # allow_inf_nan=False: every float here is a duration or a bound, which "nan" or "inf"
+    # never is; without it NaN fails the range check with a misleading "less than" message.
     model_config = SettingsConfigDict(
         extra="forbid",
         hide_input_in_errors=True,
         frozen=True,
+        allow_inf_nan=False,
     )
 
     agentapi_url: str = Field(
@@ -424,6 +427,9 @@ def _describe(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if field == "task_id":
         message = "must be a UUID, like 0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
+    if error["type"] == "finite_number":
+        # pydantic's "Input should be a finite number" does not say what was wrong.
+        message = "must be a finite number, not NaN or an infinity"
     if "expected" in message:  # the message names the valid form itself
         return f"invalid {field} (from {where}): {message}"
     return f"invalid {field} (from {where}): {message}; expected: {form}"
