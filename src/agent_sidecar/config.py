@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -96,6 +98,51 @@ def _http_url(value: str, example: str) -> str:
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"must be an http(s) URL with a host, like {example}")
     return value
+
+
+# What `metrics_addr` looks like, for its errors.
+HOSTPORT_FORM = ("HOST:PORT, like 127.0.0.1:9464 or [::1]:9464 (an IPv6 address in brackets, "
+                 "a port 1-65535 in ASCII digits)")
+# A host name or an IPv4 address: what getaddrinfo is asked, with nothing it would read as
+# something else (a scheme, a path, a space, a character outside ASCII).
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """The host (an IPv6 address without its brackets) and port of a `metrics_addr`.
+    Raises ValueError naming the problem and HOSTPORT_FORM. Everything `run` would refuse
+    for its form is refused here, so that `config` refuses it too: what is left to `run` is
+    what depends on the machine (a name that does not resolve, a port in use)."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{problem}; expected {HOSTPORT_FORM}")
+
+    if "://" in value:
+        raise bad("has a URL scheme")
+    if any(c.isspace() for c in value):
+        raise bad("holds whitespace")
+    if not value.isascii():
+        raise bad("holds a character outside ASCII")
+    if "/" in value:
+        raise bad("has a path")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise bad("has no HOST: part" if sep else "has no :PORT")
+    # str.isdigit() alone would take other scripts' digits, which int() reads as ASCII ones.
+    if not (port.isascii() and port.isdigit()):
+        raise bad("has a PORT that is not ASCII digits")
+    if not 0 < int(port) < 65536:
+        raise bad("has a port outside 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise bad("has no IPv6 address in its brackets") from None
+        return host[1:-1], int(port)
+    if ":" in host:
+        raise bad("has an IPv6 address without brackets")
+    if not _HOST_NAME.fullmatch(host):
+        raise bad("has a host that is neither a name nor an IPv4 address")
+    return host, int(port)
 
 
 def _default_socket() -> Path:
@@ -360,9 +407,7 @@ class Settings(BaseSettings):
     def _check_metrics_addr(cls, value: str | None) -> str | None:
         if not value:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be HOST:PORT, like 127.0.0.1:9464")
+        parse_hostport(value)
         return value
 
     @property

@@ -24,7 +24,7 @@ from aiohttp import web
 from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, first_of
 from agent_sidecar.coder import api_path_warning, plain_http_warning
-from agent_sidecar.config import Settings
+from agent_sidecar.config import Settings, parse_hostport
 from agent_sidecar.metrics import CONTENT_TYPE
 from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.redact import redact_url
@@ -325,7 +325,7 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
     Raises StartupError when the address cannot be bound."""
     addr = pipeline.settings.metrics_addr
     assert addr is not None
-    host, _, port = addr.rpartition(":")
+    host, port = parse_hostport(addr)  # validated with the settings: raises nothing here
 
     async def metrics(_: web.Request) -> web.Response:
         resp = web.Response(body=pipeline.metrics.render())
@@ -338,8 +338,16 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
         app, pipeline.settings, name="metrics", cap_setting="metrics_max_connections",
         max_connections=lambda settings: settings.metrics_max_connections)
     try:
-        await server.start(bind_tcp(host.strip("[]"), int(port)))
+        listeners = bind_tcp(host, port)
+        await server.start(listeners)
     except OSError as exc:
-        raise StartupError(f"cannot serve metrics on {addr}: {exc.strerror or exc}") from None
+        # Which setting, from where, and what would do: "Name or service not known" alone
+        # does not say that it is metrics_addr's host that is wrong.
+        raise StartupError(
+            f"cannot serve metrics on {addr} (metrics_addr, from "
+            f"{pipeline.settings.origin('metrics_addr')}): {exc.strerror or exc}; expected "
+            f"HOST:PORT with a host of this machine and a free port, like 127.0.0.1:9464"
+        ) from None
     log.info("metrics_listening", addr=addr)
     return server
+
