@@ -10,6 +10,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from standins import FakeAgentAPI
 
 from agent_sidecar.daemon import Controls, serve
@@ -112,3 +113,30 @@ async def test_metrics_max_connections_changes_on_a_reload(
         controls.shutdown.set()
         assert await served == 0
 
+
+
+@pytest.mark.parametrize(("host", "warned"), [
+    ("0.0.0.0", True),  # noqa: S104 - binding every interface is what is tested
+    ("127.0.0.1", False), ("localhost", False), ("[::1]", False),
+])
+async def test_a_metrics_addr_off_loopback_is_warned_of_at_start(
+    agent: FakeAgentAPI, short_dir: Path, log_output: io.StringIO, host: str, warned: bool,
+) -> None:
+    """A metrics_addr bound on an address that is not loopback (0.0.0.0: every interface)
+    logs metrics_addr_not_loopback at start, since /metrics then has no auth on the network;
+    loopback addresses, and names resolving only to them, log nothing of the kind."""
+    if host == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"{host}:{port}")
+    async with serving(settings):
+        await until(lambda: '"metrics_listening"' in log_output.getvalue())
+    events = [json.loads(line) for line in log_output.getvalue().splitlines()
+              if '"metrics_addr_not_loopback"' in line]
+    if warned:
+        [event] = events
+        assert event["level"] == "warning"
+        assert f"metrics_addr {host}:{port} listens on 0.0.0.0" in event["detail"]
+        assert "no authentication" in event["detail"]
+    else:
+        assert events == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -339,6 +340,7 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
         max_connections=lambda settings: settings.metrics_max_connections)
     try:
         listeners = bind_tcp(host, port)
+        bound = [sock.getsockname()[0] for sock in listeners]
         await server.start(listeners)
     except OSError as exc:
         # Which setting, from where, and what would do: "Name or service not known" alone
@@ -349,5 +351,18 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
             f"HOST:PORT with a host of this machine and a free port, like 127.0.0.1:9464"
         ) from None
     log.info("metrics_listening", addr=addr)
+    if warning := exposure_warning(addr, bound):
+        log.warning("metrics_addr_not_loopback", detail=warning)
     return server
 
+
+def exposure_warning(addr: str, bound: list[str]) -> str | None:
+    """Why `metrics_addr` may be reachable from the network, or None when every address it
+    is bound on is a loopback one. Decided on the addresses actually bound, so a host name
+    counts for what it resolved to, and 0.0.0.0 or :: (every interface) is never loopback."""
+    exposed = [ip for ip in bound if not ipaddress.ip_address(ip.partition("%")[0]).is_loopback]
+    if not exposed:
+        return None
+    return (f"metrics_addr {addr} listens on {', '.join(exposed)}, which is not loopback: "
+            "/metrics is reachable from the network, and it has no authentication; use "
+            "127.0.0.1:PORT or [::1]:PORT unless other machines must scrape it")
