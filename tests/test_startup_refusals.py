@@ -36,10 +36,12 @@ async def config_and_run(*flags: str, **env: str) -> tuple[subprocess.CompletedP
 
 
 @pytest.mark.parametrize("problem", ["too long", "a regular file", "parent in /proc",
-                                     "parent is a file"])
+                                     "parent is a file", "existing parent in /proc",
+                                     "existing parent in /sys"])
 async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, problem: str) -> None:
-    """A socket path over the Unix limit, one that is a regular file, or one whose parent
-    cannot be created: `config` exits 2 with the very line `run` exits 2 with."""
+    """A socket path over the Unix limit, one that is a regular file, one whose parent
+    cannot be created, or one whose existing parent cannot hold a socket (procfs, sysfs):
+    `config` exits 2 with the very line `run` exits 2 with."""
     if problem == "too long":
         path = short_dir / ("d" * 60) / ("s" * 60)
     elif problem == "a regular file":
@@ -47,6 +49,10 @@ async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, prob
         path.write_text("not a socket")
     elif problem == "parent in /proc":
         path = Path("/proc/self/agent-sidecar/s.sock")
+    elif problem == "existing parent in /proc":
+        path = Path("/proc/self/s")
+    elif problem == "existing parent in /sys":
+        path = Path("/sys/s")
     else:
         (short_dir / "file").write_text("")
         path = short_dir / "file" / "s.sock"
@@ -59,6 +65,8 @@ async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, prob
         assert not (short_dir / ("d" * 60)).exists()  # a dry run makes nothing
     if problem == "parent is a file":
         assert "Not a directory" in line
+    if problem.startswith("existing parent"):
+        assert line.startswith(f"agent-sidecar: cannot make a socket in {path.parent}: "), line
 
 
 async def test_config_passes_what_is_only_in_use(short_dir: Path) -> None:
