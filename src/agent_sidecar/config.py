@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -443,16 +442,9 @@ class Loaded:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path}: not found (set with --config or {CONFIG_ENV})"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        data = paths.read_config_file(str(path))  # the clients' reading, so their words
+    except paths.ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     if "coder_token" in data:
         raise ConfigError(
             f"config file {path}: coder_token is not accepted in a file; "
