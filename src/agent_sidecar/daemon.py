@@ -26,7 +26,7 @@ from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, first_of
 from agent_sidecar.coder import api_path_warning, plain_http_warning
 from agent_sidecar.config import Settings, parse_hostport
-from agent_sidecar.metrics import CONTENT_TYPE
+from agent_sidecar.metrics import CONTENT_TYPE, PacedScrapes
 from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import RelayError
@@ -321,15 +321,19 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
     """/metrics over TCP at `metrics_addr`, with the relay's machinery and bounds: at most
     `metrics_max_connections` connections (idle ones make room), the relay's header, body
     and idle timeouts, and an accept loop that backs off when out of descriptors, so a
-    flood of the port cannot starve the relay, agentapi or coderd of descriptors. Any local
+    flood of the port cannot starve the relay, agentapi or coderd of descriptors. Its
+    answers are paced and their body cached (metrics.PacedScrapes), so a flood of requests
+    cannot take the CPU either. Any local
     user can reach a TCP port: no uid is checked here, which is why the port is opt-in.
     Raises StartupError when the address cannot be bound."""
     addr = pipeline.settings.metrics_addr
     assert addr is not None
     host, port = parse_hostport(addr)  # validated with the settings: raises nothing here
 
+    scrapes = PacedScrapes(pipeline.metrics)
+
     async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=pipeline.metrics.render())
+        resp = web.Response(body=await scrapes.body())
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
 
