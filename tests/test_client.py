@@ -499,6 +499,36 @@ async def test_probes_against_the_real_daemon_on_its_default_socket(
         assert await sidecar.stop() == 0
 
 
+@pytest.mark.parametrize("command", [("check",), ("check", "--live"), ("status",),
+                                     ("send", "hello")])
+async def test_the_light_commands_refuse_a_broken_config_file_as_run_does(
+    stub: StubRelay, short_dir: Path, command: tuple[str, ...],
+) -> None:
+    """With AGENT_SIDECAR_CONFIG naming a file that is not valid TOML (or missing), `check`,
+    `status` and `send` exit 2 with the one line `run` says, naming the file, and send
+    nothing, rather than fall back to the default socket, where another daemon may be."""
+    conf = short_dir / "c.toml"
+    conf.write_text(f'socket = "{stub.socket}"\nsettle_s = \n')
+    # The default socket leads to the stub: a client that skipped the file would reach it.
+    (short_dir / "xdg").mkdir()
+    (short_dir / "xdg" / "agent-sidecar.sock").symlink_to(stub.socket)
+    env = clean_env(AGENT_SIDECAR_CONFIG=str(conf), XDG_RUNTIME_DIR=str(short_dir / "xdg"))
+    ran = await cli_run(*command, env=env)
+    refused = await cli_run("run", env=env)
+    assert (ran.code, refused.code) == (2, 2), ran.err + refused.err
+    assert ran.out == ""
+    [line] = ran.err.splitlines()
+    assert line.startswith(f"agent-sidecar: config file {conf}: not valid TOML: "), line
+    assert json.loads(refused.err)["error"] == line.removeprefix("agent-sidecar: ")
+    conf.unlink()
+    missing = await cli_run(*command, env=env)
+    assert missing.code == 2
+    assert missing.err == f"agent-sidecar: config file {conf}: not found (set with --config " \
+        "or AGENT_SIDECAR_CONFIG)\n"
+    assert stub.sent == []
+    assert stub.status_calls == 0
+
+
 # -- the import guard -----------------------------------------------------------------------
 
 

@@ -146,7 +146,7 @@ def test_every_error_names_the_variable_actually_set(
         ({"max_snapshot_bytes": "100"}, "max_snapshot_bytes (from flag --max-snapshot-bytes):"
          " Input should be greater than or equal to 1024"),
         ({"log_format": "xml"}, "invalid log_format"),
-        ({"metrics_addr": "9464"}, "must be HOST:PORT"),
+        ({"metrics_addr": "9464"}, "has no :PORT; expected HOST:PORT"),
     ],
 )
 def test_bad_values_name_the_setting_and_the_valid_form(flags: dict[str, str], needle: str) -> None:
@@ -289,3 +289,76 @@ def test_help_lists_every_setting_but_the_token() -> None:
     assert "--coder-token " not in proc.stdout
     assert "AGENT_SIDECAR_SETTLE_S" in proc.stdout
     assert "CODER_AGENT_URL" in proc.stdout
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+@pytest.mark.parametrize("source", ["env", "flag", "file"])
+def test_nan_and_infinities_are_refused_as_not_finite(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str, source: str,
+) -> None:
+    """A NaN or an infinity in a float setting, from the environment, a flag or the TOML
+    file, is refused with one line saying a finite number is required, not a range."""
+    flags: dict[str, str] = {}
+    path = None
+    if source == "env":
+        monkeypatch.setenv("AGENT_SIDECAR_SETTLE_S", value)
+        where = "env AGENT_SIDECAR_SETTLE_S"
+    elif source == "flag":
+        flags["settle_s"] = value
+        where = "flag --settle-s"
+    else:
+        # TOML spells them nan, inf, -inf only; the others are not TOML floats at all.
+        toml = {"NaN": "nan", "Infinity": "+inf"}.get(value, value)
+        path = tmp_path / "c.toml"
+        path.write_text(f"settle_s = {toml}\n")
+        where = f"file {path}"
+    with pytest.raises(ConfigError) as err:
+        config.load(flags, config_file=path)
+    [line] = str(err.value).splitlines()
+    assert line.startswith(f"invalid settle_s (from {where}): must be a finite number"), line
+    assert "less than" not in line
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("http://127.0.0.1:9100", "has a URL scheme"),
+    (" 127.0.0.1:9100", "holds whitespace"),
+    ("127.0.0.1:9100 ", "holds whitespace"),
+    ("127.0.0.1 :9100", "holds whitespace"),
+    ("127.0.0.1:9100/metrics", "has a path"),
+    ("127.0.0.1:\uff11\uff19\uff11\uff19\uff17", "holds a character outside ASCII"),
+    ("127.0.0.1:\u0661\u0669\u0661", "holds a character outside ASCII"),
+    ("::1:19193", "has an IPv6 address without brackets"),
+    ("[nope]:19193", "has no IPv6 address in its brackets"),
+    ("127.0.0.1:0", "has a port outside 1-65535"),
+    ("127.0.0.1:65536", "has a port outside 1-65535"),
+    ("127.0.0.1:", "has a PORT that is not ASCII digits"),
+    ("127.0.0.1:-1", "has a PORT that is not ASCII digits"),
+    (":9100", "has no HOST: part"),
+    ("user@host:9100", "has a host that is neither a name nor an IPv4 address"),
+])
+def test_metrics_addr_refuses_everything_but_host_port(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str,
+) -> None:
+    """A metrics_addr `run` could not bind for its form (a scheme, whitespace, a path,
+    non-ASCII digits, unbracketed IPv6, a port outside 1-65535) is refused when the settings
+    are loaded, in one line naming the setting, its source and HOST:PORT."""
+    monkeypatch.setenv("AGENT_SIDECAR_METRICS_ADDR", value)
+    with pytest.raises(ConfigError) as err:
+        config.load()
+    [line] = str(err.value).splitlines()
+    assert line.startswith("invalid metrics_addr (from env AGENT_SIDECAR_METRICS_ADDR): "
+                           f"{problem}; expected HOST:PORT, like 127.0.0.1:9464 or "
+                           "[::1]:9464"), line
+
+
+@pytest.mark.parametrize(("value", "host", "port"), [
+    ("127.0.0.1:9464", "127.0.0.1", 9464),
+    ("localhost:1", "localhost", 1),
+    ("[::1]:65535", "::1", 65535),
+    ("metrics-host.example.com:9100", "metrics-host.example.com", 9100),
+])
+def test_metrics_addr_in_its_forms_is_accepted(value: str, host: str, port: int) -> None:
+    """An IPv4 address, a host name or a bracketed IPv6 address with a port 1-65535 pass,
+    and the daemon binds the host without its brackets."""
+    assert config.load({"metrics_addr": value}).settings.metrics_addr == value
+    assert config.parse_hostport(value) == (host, port)

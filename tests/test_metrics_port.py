@@ -10,10 +10,11 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from standins import FakeAgentAPI
 
 from agent_sidecar.daemon import Controls, serve
-from agent_sidecar.metrics import CONTENT_TYPE
+from agent_sidecar.metrics import CONTENT_TYPE, PORT_ANSWERS_PER_S, PORT_CACHE_S
 
 from .conftest import until
 from .rawhttp import RawClient, request_bytes
@@ -112,3 +113,99 @@ async def test_metrics_max_connections_changes_on_a_reload(
         controls.shutdown.set()
         assert await served == 0
 
+
+
+@pytest.mark.parametrize(("host", "warned"), [
+    ("0.0.0.0", True),  # noqa: S104 - binding every interface is what is tested
+    ("127.0.0.1", False), ("localhost", False), ("[::1]", False),
+])
+async def test_a_metrics_addr_off_loopback_is_warned_of_at_start(
+    agent: FakeAgentAPI, short_dir: Path, log_output: io.StringIO, host: str, warned: bool,
+) -> None:
+    """A metrics_addr bound on an address that is not loopback (0.0.0.0: every interface)
+    logs metrics_addr_not_loopback at start, since /metrics then has no auth on the network;
+    loopback addresses, and names resolving only to them, log nothing of the kind."""
+    if host == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"{host}:{port}")
+    async with serving(settings):
+        await until(lambda: '"metrics_listening"' in log_output.getvalue())
+    events = [json.loads(line) for line in log_output.getvalue().splitlines()
+              if '"metrics_addr_not_loopback"' in line]
+    if warned:
+        [event] = events
+        assert event["level"] == "warning"
+        assert f"metrics_addr {host}:{port} listens on 0.0.0.0" in event["detail"]
+        assert "no authentication" in event["detail"]
+    else:
+        assert events == []
+
+
+async def test_pipelined_requests_on_the_metrics_port_are_answered_at_the_paced_rate(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """Four TCP connections each pipelining 100 GET /metrics are answered, all of them
+    together, no faster than PORT_ANSWERS_PER_S: 41 answers span at least 40 intervals
+    (less a 10% margin), however fast the client asks."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}")
+    count = 41
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    enough = asyncio.Event()
+
+    async def read(client: RawClient) -> None:
+        while True:
+            answer = await client.answer(timeout_s=10)
+            assert answer.status == 200
+            assert b"agent_sidecar_relay_requests_total" in answer.body
+            times.append(loop.time())
+            if len(times) >= count:
+                enough.set()
+
+    async with serving(settings):
+        clients = [await RawClient.connect_tcp("127.0.0.1", port) for _ in range(4)]
+        readers: list[asyncio.Task[None]] = []
+        try:
+            for client in clients:
+                await client.write(request_bytes("GET", "/metrics") * 100)
+            readers = [asyncio.create_task(read(client)) for client in clients]
+            async with asyncio.timeout(count / PORT_ANSWERS_PER_S + 10):
+                await enough.wait()
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            for client in clients:
+                client.close()
+    span = sorted(times)[count - 1] - min(times)
+    assert span >= 0.9 * (count - 1) / PORT_ANSWERS_PER_S, (
+        f"{count} answers in {span:.3f}s: faster than {PORT_ANSWERS_PER_S}/s")
+
+
+async def test_a_scrape_of_the_metrics_port_sees_a_change_within_the_cache_time(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """The port's cached body is fresh enough: a change to the metrics (a relay request)
+    shows in the port's scrapes no later than PORT_CACHE_S, plus one paced interval and a
+    margin, after it happened."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}")
+    loop = asyncio.get_running_loop()
+    seen = b'path="/livez"'
+    async with serving(settings):
+        with await RawClient.connect_tcp("127.0.0.1", port) as scraper:
+            await scraper.write(request_bytes("GET", "/metrics"))
+            assert seen not in (await scraper.answer(timeout_s=5)).body
+            with await RawClient.connect(short_dir / "relay.sock") as relay:
+                await relay.write(request_bytes("GET", "/livez"))
+                assert (await relay.answer(timeout_s=5)).status == 200
+            changed_at = loop.time()
+            async with asyncio.timeout(PORT_CACHE_S + 5):
+                while True:
+                    await scraper.write(request_bytes("GET", "/metrics"))
+                    if seen in (await scraper.answer()).body:
+                        break
+            took = loop.time() - changed_at
+    assert took <= PORT_CACHE_S + 1 / PORT_ANSWERS_PER_S + 0.5, took

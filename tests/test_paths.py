@@ -50,14 +50,38 @@ def test_socket_precedence(environ: dict[str, str], flag: str | None, expected: 
 
 def test_the_config_file_names_the_socket_below_the_environment(tmp_path: Path) -> None:
     """The `socket` key of AGENT_SIDECAR_CONFIG's file counts after the variable, before the
-    default; an unreadable file falls through to the default."""
+    default; a file without one falls through to the default."""
     path = tmp_path / "c.toml"
     path.write_text('socket = "/s/file.sock"\n')
     environ = {"AGENT_SIDECAR_CONFIG": str(path)}
     assert paths.socket_path(None, environ) == "/s/file.sock"
     assert paths.socket_path(None, {**environ, "AGENT_SIDECAR_SOCKET": "/s/e.sock"}) == "/s/e.sock"
-    path.write_text("socket = \n")
+    path.write_text("settle_s = 1\n")
     assert paths.socket_path(None, environ) == paths.default_socket_path(environ)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "not found"),
+    ("DIR", "cannot be read: Is a directory"),
+    ("socket = \n", "not valid TOML"),
+    ("socket = 5\n", "socket must be a string"),
+])
+@pytest.mark.parametrize("flag", [None, "/s/flag.sock"])
+def test_a_config_file_the_daemon_refuses_is_refused_not_skipped(
+    tmp_path: Path, content: str | None, problem: str, flag: str | None,
+) -> None:
+    """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable, not TOML or
+    holds a non-string socket raises ConfigFileError naming the file and the problem,
+    instead of falling back to another socket, even when the flag names one."""
+    path = tmp_path / "c.toml"
+    if content == "DIR":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(paths.ConfigFileError) as err:
+        paths.socket_path(flag, {"AGENT_SIDECAR_CONFIG": str(path)})
+    assert str(err.value).startswith(f"config file {path}: {problem}"), err.value
+    assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("environ", [

@@ -36,10 +36,12 @@ async def config_and_run(*flags: str, **env: str) -> tuple[subprocess.CompletedP
 
 
 @pytest.mark.parametrize("problem", ["too long", "a regular file", "parent in /proc",
-                                     "parent is a file"])
+                                     "parent is a file", "existing parent in /proc",
+                                     "existing parent in /sys"])
 async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, problem: str) -> None:
-    """A socket path over the Unix limit, one that is a regular file, or one whose parent
-    cannot be created: `config` exits 2 with the very line `run` exits 2 with."""
+    """A socket path over the Unix limit, one that is a regular file, one whose parent
+    cannot be created, or one whose existing parent cannot hold a socket (procfs, sysfs):
+    `config` exits 2 with the very line `run` exits 2 with."""
     if problem == "too long":
         path = short_dir / ("d" * 60) / ("s" * 60)
     elif problem == "a regular file":
@@ -47,6 +49,10 @@ async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, prob
         path.write_text("not a socket")
     elif problem == "parent in /proc":
         path = Path("/proc/self/agent-sidecar/s.sock")
+    elif problem == "existing parent in /proc":
+        path = Path("/proc/self/s")
+    elif problem == "existing parent in /sys":
+        path = Path("/sys/s")
     else:
         (short_dir / "file").write_text("")
         path = short_dir / "file" / "s.sock"
@@ -59,6 +65,8 @@ async def test_config_refuses_the_socket_paths_run_refuses(short_dir: Path, prob
         assert not (short_dir / ("d" * 60)).exists()  # a dry run makes nothing
     if problem == "parent is a file":
         assert "Not a directory" in line
+    if problem.startswith("existing parent"):
+        assert line.startswith(f"agent-sidecar: cannot make a socket in {path.parent}: "), line
 
 
 async def test_config_passes_what_is_only_in_use(short_dir: Path) -> None:
@@ -81,10 +89,40 @@ async def test_config_passes_what_is_only_in_use(short_dir: Path) -> None:
             "--metrics-addr", f"127.0.0.1:{port}", AGENT_SIDECAR_SOCKET=str(short_dir / "t"))
         assert configured.returncode == 0, configured.stderr
         assert ran.returncode == 2
-        assert f"cannot serve metrics on 127.0.0.1:{port}" in ran.stderr
+        assert (f"cannot serve metrics on 127.0.0.1:{port} (metrics_addr, from flag "
+                "--metrics-addr): ") in ran.stderr
     finally:
         served.close()
         metrics.close()
+
+
+@pytest.mark.parametrize("addr", ["http://127.0.0.1:9100", "127.0.0.1:\uff11\uff19\uff11",
+                                  "::1:19193", "127.0.0.1:9100/metrics"])
+async def test_config_refuses_the_metrics_addr_forms_run_refuses(short_dir: Path,
+                                                                addr: str) -> None:
+    """A metrics_addr in a form other than HOST:PORT is refused by `config` and `run` alike,
+    exit 2, with the one line that names the setting, its source and HOST:PORT."""
+    configured, ran = await config_and_run(AGENT_SIDECAR_SOCKET=str(short_dir / "s"),
+                                           AGENT_SIDECAR_METRICS_ADDR=addr)
+    assert (configured.returncode, ran.returncode) == (2, 2), configured.stderr + ran.stderr
+    [line] = configured.stderr.splitlines()
+    assert line.startswith("agent-sidecar: invalid metrics_addr (from env "
+                           "AGENT_SIDECAR_METRICS_ADDR): "), line
+    assert "expected HOST:PORT" in line
+    assert refusals(ran.stderr) == [line.removeprefix("agent-sidecar: ")]
+
+
+def test_run_names_metrics_addr_when_its_host_does_not_resolve(short_dir: Path) -> None:
+    """A metrics_addr whose host does not resolve passes `config` (it depends on the
+    machine) and `run` refuses it, exit 2, naming metrics_addr and where it was set."""
+    env = {"AGENT_SIDECAR_SOCKET": str(short_dir / "s"),
+           "AGENT_SIDECAR_METRICS_ADDR": "no-such-host.invalid:9100"}
+    ran = run_cli("run", "--agentapi-url", "http://127.0.0.1:9", **env)
+    assert ran.returncode == 2, ran.stderr
+    said = refusals(ran.stderr)[-1]  # after the relay's own "listening" line
+    assert said.startswith("cannot start: cannot serve metrics on no-such-host.invalid:9100 "
+                           "(metrics_addr, from env AGENT_SIDECAR_METRICS_ADDR): "), said
+    assert "expected HOST:PORT" in said
 
 
 # -- the agent token ------------------------------------------------------------------------

@@ -783,6 +783,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except client.ClientError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
+    except paths.ConfigFileError as exc:
+        # A light command's socket comes from a file `run` would refuse: say so, as `run`
+        # does, rather than fall back to another socket (another daemon, or nobody).
+        print(f"agent-sidecar: {shown(exc)}", file=sys.stderr)
+        code = EXIT_CONFIG
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     except Exception as exc:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
-import tomllib
+import re
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -98,6 +99,51 @@ def _http_url(value: str, example: str) -> str:
     return value
 
 
+# What `metrics_addr` looks like, for its errors.
+HOSTPORT_FORM = ("HOST:PORT, like 127.0.0.1:9464 or [::1]:9464 (an IPv6 address in brackets, "
+                 "a port 1-65535 in ASCII digits)")
+# A host name or an IPv4 address: what getaddrinfo is asked, with nothing it would read as
+# something else (a scheme, a path, a space, a character outside ASCII).
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """The host (an IPv6 address without its brackets) and port of a `metrics_addr`.
+    Raises ValueError naming the problem and HOSTPORT_FORM. Everything `run` would refuse
+    for its form is refused here, so that `config` refuses it too: what is left to `run` is
+    what depends on the machine (a name that does not resolve, a port in use)."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{problem}; expected {HOSTPORT_FORM}")
+
+    if "://" in value:
+        raise bad("has a URL scheme")
+    if any(c.isspace() for c in value):
+        raise bad("holds whitespace")
+    if not value.isascii():
+        raise bad("holds a character outside ASCII")
+    if "/" in value:
+        raise bad("has a path")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise bad("has no HOST: part" if sep else "has no :PORT")
+    # str.isdigit() alone would take other scripts' digits, which int() reads as ASCII ones.
+    if not (port.isascii() and port.isdigit()):
+        raise bad("has a PORT that is not ASCII digits")
+    if not 0 < int(port) < 65536:
+        raise bad("has a port outside 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise bad("has no IPv6 address in its brackets") from None
+        return host[1:-1], int(port)
+    if ":" in host:
+        raise bad("has an IPv6 address without brackets")
+    if not _HOST_NAME.fullmatch(host):
+        raise bad("has a host that is neither a name nor an IPv4 address")
+    return host, int(port)
+
+
 def _default_socket() -> Path:
     return Path(paths.default_socket_path())
 
@@ -131,10 +177,13 @@ class Settings(BaseSettings):
     # The environment is read by _EnvSource: exactly the names env_names() documents, so
     # the light client (paths.py, AGENT_SIDECAR_SOCKET) reads the same variable by the same
     # rule, and no other spelling (another case, a bare field name) is quietly accepted.
+    # allow_inf_nan=False: every float here is a duration or a bound, which "nan" or "inf"
+    # never is; without it NaN fails the range check with a misleading "less than" message.
     model_config = SettingsConfigDict(
         extra="forbid",
         hide_input_in_errors=True,
         frozen=True,
+        allow_inf_nan=False,
     )
 
     agentapi_url: str = Field(
@@ -357,9 +406,7 @@ class Settings(BaseSettings):
     def _check_metrics_addr(cls, value: str | None) -> str | None:
         if not value:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be HOST:PORT, like 127.0.0.1:9464")
+        parse_hostport(value)
         return value
 
     @property
@@ -395,16 +442,9 @@ class Loaded:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path}: not found (set with --config or {CONFIG_ENV})"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        data = paths.read_config_file(str(path))  # the clients' reading, so their words
+    except paths.ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     if "coder_token" in data:
         raise ConfigError(
             f"config file {path}: coder_token is not accepted in a file; "
@@ -424,6 +464,9 @@ def _describe(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if field == "task_id":
         message = "must be a UUID, like 0f3c9a52-7d1e-4b8a-9c63-2a5e8f1d4b70"
+    if error["type"] == "finite_number":
+        # pydantic's "Input should be a finite number" does not say what was wrong.
+        message = "must be a finite number, not NaN or an infinity"
     if "expected" in message:  # the message names the valid form itself
         return f"invalid {field} (from {where}): {message}"
     return f"invalid {field} (from {where}): {message}; expected: {form}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,8 +25,8 @@ from aiohttp import web
 from agent_sidecar import logs
 from agent_sidecar.aio import Backoff, first_of
 from agent_sidecar.coder import api_path_warning, plain_http_warning
-from agent_sidecar.config import Settings
-from agent_sidecar.metrics import CONTENT_TYPE
+from agent_sidecar.config import Settings, parse_hostport
+from agent_sidecar.metrics import CONTENT_TYPE, PacedScrapes
 from agent_sidecar.pipeline import Pipeline, StartupError
 from agent_sidecar.redact import redact_url
 from agent_sidecar.relay import RelayError
@@ -320,15 +321,19 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
     """/metrics over TCP at `metrics_addr`, with the relay's machinery and bounds: at most
     `metrics_max_connections` connections (idle ones make room), the relay's header, body
     and idle timeouts, and an accept loop that backs off when out of descriptors, so a
-    flood of the port cannot starve the relay, agentapi or coderd of descriptors. Any local
+    flood of the port cannot starve the relay, agentapi or coderd of descriptors. Its
+    answers are paced and their body cached (metrics.PacedScrapes), so a flood of requests
+    cannot take the CPU either. Any local
     user can reach a TCP port: no uid is checked here, which is why the port is opt-in.
     Raises StartupError when the address cannot be bound."""
     addr = pipeline.settings.metrics_addr
     assert addr is not None
-    host, _, port = addr.rpartition(":")
+    host, port = parse_hostport(addr)  # validated with the settings: raises nothing here
+
+    scrapes = PacedScrapes(pipeline.metrics)
 
     async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=pipeline.metrics.render())
+        resp = web.Response(body=await scrapes.body())
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
 
@@ -338,8 +343,30 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
         app, pipeline.settings, name="metrics", cap_setting="metrics_max_connections",
         max_connections=lambda settings: settings.metrics_max_connections)
     try:
-        await server.start(bind_tcp(host.strip("[]"), int(port)))
+        listeners = bind_tcp(host, port)
+        bound = [sock.getsockname()[0] for sock in listeners]
+        await server.start(listeners)
     except OSError as exc:
-        raise StartupError(f"cannot serve metrics on {addr}: {exc.strerror or exc}") from None
+        # Which setting, from where, and what would do: "Name or service not known" alone
+        # does not say that it is metrics_addr's host that is wrong.
+        raise StartupError(
+            f"cannot serve metrics on {addr} (metrics_addr, from "
+            f"{pipeline.settings.origin('metrics_addr')}): {exc.strerror or exc}; expected "
+            f"HOST:PORT with a host of this machine and a free port, like 127.0.0.1:9464"
+        ) from None
     log.info("metrics_listening", addr=addr)
+    if warning := exposure_warning(addr, bound):
+        log.warning("metrics_addr_not_loopback", detail=warning)
     return server
+
+
+def exposure_warning(addr: str, bound: list[str]) -> str | None:
+    """Why `metrics_addr` may be reachable from the network, or None when every address it
+    is bound on is a loopback one. Decided on the addresses actually bound, so a host name
+    counts for what it resolved to, and 0.0.0.0 or :: (every interface) is never loopback."""
+    exposed = [ip for ip in bound if not ipaddress.ip_address(ip.partition("%")[0]).is_loopback]
+    if not exposed:
+        return None
+    return (f"metrics_addr {addr} listens on {', '.join(exposed)}, which is not loopback: "
+            "/metrics is reachable from the network, and it has no authentication; use "
+            "127.0.0.1:PORT or [::1]:PORT unless other machines must scrape it")

@@ -48,25 +48,48 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(private_dir(environ), SOCKET_NAME)
 
 
-def _from_config_file(environ: Mapping[str, str]) -> str | None:
-    name = environ.get(CONFIG_ENV)
-    if not name:
-        return None
+class ConfigFileError(Exception):
+    """The config file cannot be used; the message is one line naming it and the problem."""
+
+
+def read_config_file(name: str) -> dict[str, object]:
+    """The TOML file `name` as a table. Raises ConfigFileError when it is missing,
+    unreadable (a directory included) or not valid TOML: the daemon's settings and the
+    clients read it through here, so they refuse the same file with the same line."""
     import tomllib  # only when a config file is in use
 
     try:
         with open(name, "rb") as fh:
-            value = tomllib.load(fh).get("socket")
-    except (OSError, ValueError):
-        return None  # the daemon refuses such a file; the client then finds nobody there
-    return value if isinstance(value, str) and value else None
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigFileError(
+            f"config file {name}: not found (set with --config or {CONFIG_ENV})") from None
+    except OSError as exc:
+        raise ConfigFileError(
+            f"config file {name}: cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"config file {name}: not valid TOML: {exc}") from None
+
+
+def _from_config_file(environ: Mapping[str, str]) -> str | None:
+    name = environ.get(CONFIG_ENV)
+    if not name:
+        return None
+    value = read_config_file(name).get("socket")
+    if value is not None and not isinstance(value, str):
+        raise ConfigFileError(f"config file {name}: socket must be a string, a path like "
+                              f'"/run/user/1000/{SOCKET_NAME}"')
+    return value or None
 
 
 def socket_path(flag: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The socket a client talks to: the same rule as the daemon's `socket` setting."""
+    """The socket a client talks to: the same rule as the daemon's `socket` setting. A
+    config file named by AGENT_SIDECAR_CONFIG is read even when the flag or the variable
+    wins, and raises ConfigFileError when it cannot be used: `run` refuses such a file, so
+    falling back to another socket would talk to another daemon than the file names."""
     environ = os.environ if environ is None else environ
-    return (flag or environ.get(SOCKET_ENV) or _from_config_file(environ)
-            or default_socket_path(environ))
+    from_file = _from_config_file(environ)
+    return (flag or environ.get(SOCKET_ENV) or from_file or default_socket_path(environ))
 
 
 def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,

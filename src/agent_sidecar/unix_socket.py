@@ -31,7 +31,8 @@ class RelayError(Exception):
 def check_socket_path(path: Path) -> Path:
     """Every check `bind_unix` makes before it binds, creating nothing (`config`, a dry run):
     the per-uid directory (paths.ensure_private_dir), the path's length, a parent directory
-    that exists or can be created, and nothing but a socket at the path. Whether a socket
+    that exists or can be created, nothing but a socket at the path, and a parent that can
+    hold a socket. Whether a socket
     there is in use is not asked: `config` runs next to a running daemon. The path that
     would be bound; raises RelayError."""
     return _checked(path, create=False)
@@ -63,13 +64,39 @@ def _checked(path: Path, *, create: bool) -> Path:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        return path  # nothing there yet (in a dry run, maybe not even its directory)
+        pass  # nothing there yet (in a dry run, maybe not even its directory)
     except OSError as exc:
         raise RelayError(f"cannot use the socket path {path}: {exc.strerror or exc}; "
                          "choose another --socket") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RelayError(f"{path} exists and is not a socket; refusing to replace it")
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RelayError(f"{path} exists and is not a socket; refusing to replace it")
+    if parent.is_dir():  # in a dry run it may not exist yet: _creatable tried its ancestor
+        try:
+            _probe_socket(parent)
+        except OSError as exc:
+            raise RelayError(f"cannot make a socket in {parent}: {exc.strerror or exc}; "
+                             "choose another --socket") from None
     return path
+
+
+def _probe_socket(directory: Path) -> None:
+    """Raise OSError unless a socket can be bound in `directory`: tried with a uniquely
+    named one, removed at once. An existing directory can still refuse sockets (procfs,
+    sysfs, a read-only mount) and only binding tells, so `config` and `run` both ask here,
+    before anything is replaced, and say the same line. A socket of the same name being
+    served is never touched: the name is new."""
+    probe = directory / f".as-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    if len(os.fsencode(probe)) > UNIX_PATH_MAX:  # the socket's own name may be shorter
+        os.mkdir(probe, 0o700)  # the next best test: can anything be made there
+        os.rmdir(probe)
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(probe))
+        os.unlink(probe)
+    finally:
+        sock.close()
 
 
 def _creatable(directory: Path) -> None:
