@@ -811,6 +811,56 @@ async def test_a_reply_after_agentapi_restarted_unseen_is_its_new_answer(
     assert "incomplete" not in body
 
 
+async def test_a_reply_after_an_unseen_restart_is_not_the_old_answer_to_the_same_text(
+    short_dir: Path,
+) -> None:
+    """After an agentapi restart the sidecar has not seen, the view still holds the old
+    answer to the same text at the id the new answer takes: the reply waits for the new
+    turn and is its whole answer, not the stale one nor a half-written one."""
+    agent = FakeAgentAPI(chunks=4, chunk_delay_s=0.05, stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir) as env:
+        agent.add_message("user", "one")  # after agentapi's greeting, id 0
+        agent.add_message("agent", echo_reply("one"))
+        await until(lambda: env.conv.count == 3, wake=env.conv.changed.wait)
+        agent.messages = [FakeMessage(0, "agent", "")]  # restarted, the stream not dropped
+        agent._next_id = 1
+        status, body = await env.send({"input": "one", "reply": True})
+    assert status == 200, body
+    assert [(m["id"], m["content"]) for m in body["messages"]] == [(2, echo_reply("one"))]
+    assert "incomplete" not in body
+
+
+async def test_a_drop_before_the_input_does_not_make_the_next_reply_incomplete(
+    short_dir: Path,
+) -> None:
+    """An earlier answer over max_event_bytes, dropped from /messages just before the next
+    input, is not counted against that input's reply, which is whole."""
+    agent = FakeAgentAPI(reply=lambda prompt: "x" * 70_000 if prompt == "big" else "small",
+                         chunks=1, chunk_delay_s=0.01, stable_after_s=0.05)
+    async with agent, relay_env(agent, short_dir, max_event_bytes=65536) as env:
+        status, body = await env.send({"input": "big", "reply": True})
+        assert (status, body["messages"]) == (200, [])
+        assert "1 larger than max_event_bytes" in body["incomplete"]
+        status, body = await env.send({"input": "second", "reply": True})
+    assert status == 200, body
+    assert [m["content"] for m in body["messages"]] == ["small"]
+    assert "incomplete" not in body
+
+
+async def test_a_dropped_reply_is_seen_when_polling_misses_the_turn(short_dir: Path) -> None:
+    """Polling (no /events) that never sees the agent running still ends a reply whose
+    answer is over max_event_bytes at the first poll after the post, saying it is
+    incomplete, instead of waiting out send_timeout_s."""
+    agent = FakeAgentAPI(events=False, reply=lambda prompt: "x" * 70_000, chunks=1,
+                         chunk_delay_s=0.0, stable_after_s=0.01)
+    async with agent, relay_env(agent, short_dir, max_event_bytes=65536,
+                                poll_interval_s=0.5, send_timeout_s=4) as env:
+        status, body = await env.send({"input": "a long one", "reply": True})
+    assert status == 200, body
+    assert body["messages"] == []
+    assert "1 larger than max_event_bytes (65536 bytes)" in body["incomplete"]
+
+
 async def test_a_reply_larger_than_max_event_bytes_is_said_incomplete(
     short_dir: Path,
 ) -> None:

@@ -126,6 +126,12 @@ class FollowState:
     transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
     status_read: bool = False  # a /status answer was read: a None transport is then a "no"
+    # Polling: how many polls have started, and of the newest one adopted, its number and
+    # the id of the usable message before its last dropped element (-1: the drop came
+    # first; None: nothing was dropped). A reply in polling mode learns from it that the
+    # agent's answer exists but was dropped (relay.py).
+    polls_started: int = 0
+    polled: tuple[int, int | None] | None = None
     # Notified once per disappearance of agentapi: a stream it had been following ended,
     # and the next connect failed (polling: a poll failed after one that answered). The
     # uploader then writes the last word (uploader.py).
@@ -631,8 +637,21 @@ class AgentAPI:
                 # Built aside and adopted whole (Conversation.adopt): memory stays what the
                 # model holds, however long the history, and a failed read changes nothing.
                 polled = Conversation(conversation.retain_chars)
-                await self.read_messages(conversation.retain_chars, polled.upsert)
+                self.state.polls_started += 1
+                number, newest, drop_after = self.state.polls_started, -1, None
+
+                def keep(message: Message) -> None:
+                    nonlocal newest
+                    newest = message.id
+                    polled.upsert(message)
+
+                def dropped(_reason: str) -> None:
+                    nonlocal drop_after
+                    drop_after = newest
+
+                await self.read_messages(conversation.retain_chars, keep, dropped)
                 conversation.adopt(polled, info.status)
+                self.state.polled = (number, drop_after)
                 conversation.set_connected(True)
                 self.state.last_error = None
                 busy_logged = False

@@ -353,12 +353,18 @@ class Relay:
                 placed = (await self._next_id(wait_until) if inp.reply
                           else _Placed(self.conversation.count))
                 before = placed.next_id
-                turn = (asyncio.ensure_future(self._turn_over(before, inp.text))
+                # What the view holds from there at the post: after an agentapi restart it
+                # has not seen, old messages sit at the new ids, and are not the reply.
+                watch = _Turn(before, inp.text, {m.id: m.content for m in
+                                                 self.conversation.messages()
+                                                 if m.id >= before})
+                turn = (asyncio.ensure_future(self._turn_over(watch))
                         if inp.reply and not acp else None)
                 try:
                     await self._acquire(self._wire, wait_until)
                     try:
                         answer_by = await self._post(inp, timeout_s, wait_until)
+                        watch.polls_at_post = self.agentapi.state.polls_started
                     finally:
                         self._wire.release()
                     if not inp.reply:
@@ -475,13 +481,13 @@ class Relay:
 
     # -- reply ---------------------------------------------------------------------------
 
-    async def _turn_over(self, before: int, text: str) -> None:
+    async def _turn_over(self, watch: _Turn) -> None:
         """Until the turn after a send over a PTY is over: the agent was seen running, then
-        stable again; or, when polling is too slow to see it run, it is stable with a reply
-        after the input (agentapi is `running` until its screen has been still for 2 s, so
-        stable with a reply means the reply is whole). Started before the POST, so that no
-        status change is missed; `before` is agentapi's next id before it, `text` the
-        input."""
+        stable again; or, when polling is too slow to see it run, it is stable with a new
+        reply after the input (agentapi is `running` until its screen has been still for
+        2 s, so stable with a reply means the reply is whole), or with one a poll after the
+        post dropped (larger than max_event_bytes). Started before the POST, so that no
+        status change is missed."""
         conv = self.conversation
         running = False
         while True:
@@ -489,20 +495,36 @@ class Relay:
             if conv.connected and conv.status == "running":
                 running = True
             elif conv.connected and conv.status == "stable" and (
-                    running or self._replied_after(before, text)):
+                    running or self._replied_after(watch) or self._dropped_after(watch)):
                 return
             await conv.wait_changed(version)
 
-    def _replied_after(self, before: int, text: str) -> bool:
-        """The model's last message is the agent's, after our input. Our input is found by
-        its text: `before` is agentapi's, and a model not yet rebuilt after an agentapi
-        restart holds old messages at and after it (ids from 0 again)."""
+    def _mine(self, watch: _Turn) -> list[int]:
+        """The ids of the user messages in the view that may be our input, found by its
+        text: a view not yet rebuilt after an agentapi restart holds old messages at and
+        after `before` (ids from 0 again)."""
+        return [m.id for m in self.conversation.messages()
+                if m.id >= watch.before and m.role == "user" and (
+                    m.content == watch.text
+                    or (m.cut_chars and watch.text.endswith(m.content)))]
+
+    def _replied_after(self, watch: _Turn) -> bool:
+        """The view's last message is the agent's, after our input, and not one the view
+        held as it is at the post (a stale one at the id our reply will take)."""
         messages = self.conversation.messages()
         if not messages or messages[-1].role != "agent":
             return False
-        mine = [m.id for m in messages if m.id >= before and m.role == "user" and (
-            m.content == text or (m.cut_chars and text.endswith(m.content)))]
-        return bool(mine) and messages[-1].id > mine[-1]
+        last, mine = messages[-1], self._mine(watch)
+        return bool(mine) and last.id > mine[-1] and watch.stale.get(last.id) != last.content
+
+    def _dropped_after(self, watch: _Turn) -> bool:
+        """A poll begun after the post dropped an element after our input: the reply is
+        there, too large to read, and the reply's read says so."""
+        polled = self.agentapi.state.polled
+        if polled is None or watch.polls_at_post is None or polled[0] <= watch.polls_at_post:
+            return False
+        drop_after, mine = polled[1], self._mine(watch)
+        return drop_after is not None and bool(mine) and drop_after >= mine[-1]
 
     async def _next_id(self, wait_until: float) -> _Placed:
         """The id agentapi will give the next message, from a GET /messages read just
@@ -544,9 +566,9 @@ class Relay:
         unplaced: list[str] = []  # drops not known to come before the input
 
         def take(message: Message) -> None:
-            if message.id < before:
-                unplaced.clear()  # every drop so far came before this older message
-            else:
+            if message.id <= before:
+                unplaced.clear()  # every drop so far came before this message, or the input
+            if message.id >= before:
                 messages.append(message)
 
         from_view: str | None = None
@@ -664,6 +686,18 @@ class Relay:
         resp = web.Response(body=self.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
+
+
+@dataclass(slots=True)
+class _Turn:
+    """A reply's input, as the turn-over watch knows it: agentapi's next id before the
+    post, the text, what the view held from that id at the post, and how many polls had
+    started when the POST returned (None: not yet)."""
+
+    before: int
+    text: str
+    stale: dict[int, str]
+    polls_at_post: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
