@@ -624,6 +624,25 @@ class AgentAPI:
         self.state.agent_type = info.agent_type
         self.state.status_read = True
 
+    async def _read_polled(self, retain_chars: int) -> tuple[Conversation, int | None]:
+        """One poll's GET /messages as a model built aside, and the id of the usable
+        message before its last dropped element (-1: the drop came first; None: nothing
+        was dropped). Raises as read_messages."""
+        polled = Conversation(retain_chars)
+        newest, drop_after = -1, None
+
+        def keep(message: Message) -> None:
+            nonlocal newest
+            newest = message.id
+            polled.upsert(message)
+
+        def dropped(_reason: str) -> None:
+            nonlocal drop_after
+            drop_after = newest
+
+        await self.read_messages(retain_chars, keep, dropped)
+        return polled, drop_after
+
     async def _poll(self, conversation: Conversation, clock: Callable[[], float]) -> None:
         """Follow by polling /status then /messages (an agentapi without /events) for
         EVENTS_RETRY_S. Each poll rebuilds the model. A busy agentapi (its lock held by a
@@ -636,20 +655,9 @@ class AgentAPI:
                 self._learn(info)
                 # Built aside and adopted whole (Conversation.adopt): memory stays what the
                 # model holds, however long the history, and a failed read changes nothing.
-                polled = Conversation(conversation.retain_chars)
                 self.state.polls_started += 1
-                number, newest, drop_after = self.state.polls_started, -1, None
-
-                def keep(message: Message) -> None:
-                    nonlocal newest
-                    newest = message.id
-                    polled.upsert(message)
-
-                def dropped(_reason: str) -> None:
-                    nonlocal drop_after
-                    drop_after = newest
-
-                await self.read_messages(conversation.retain_chars, keep, dropped)
+                number = self.state.polls_started
+                polled, drop_after = await self._read_polled(conversation.retain_chars)
                 conversation.adopt(polled, info.status)
                 self.state.polled = (number, drop_after)
                 conversation.set_connected(True)
