@@ -52,6 +52,29 @@ async def test_at_the_metrics_cap_the_oldest_idle_connection_makes_room_for_a_sc
             assert newer.quiet_and_open()  # accepted before the scraper: kept
 
 
+async def test_clients_that_never_read_their_answers_cannot_keep_a_scraper_out(
+    agent: FakeAgentAPI, short_dir: Path,
+) -> None:
+    """With metrics_max_connections connections busy on pipelined scrapes whose answers
+    they never read, a new scrape is served: on the metrics port the oldest busy
+    connection is closed for it, where the relay would answer 503."""
+    port = free_port()
+    settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}",
+                            metrics_max_connections=2)
+    async with serving(settings):
+        hogs = [await RawClient.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        try:
+            for hog in hogs:
+                await hog.write(request_bytes("GET", "/metrics") * 50)
+                # Its first answer is in: the connection is busy with the other 49.
+                assert (await hog.answer(timeout_s=5)).status == 200
+            with await RawClient.connect_tcp("127.0.0.1", port) as scraper:
+                assert await scrape(scraper) == 200
+        finally:
+            for hog in hogs:
+                hog.close()
+
+
 async def test_slow_headers_and_idle_connections_on_the_metrics_port_are_timed_out(
     agent: FakeAgentAPI, short_dir: Path,
 ) -> None:

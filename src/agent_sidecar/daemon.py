@@ -341,7 +341,7 @@ async def _serve_metrics(pipeline: Pipeline) -> BoundedServer:
     app.router.add_get("/metrics", metrics)
     server = BoundedServer(
         app, pipeline.settings, name="metrics", cap_setting="metrics_max_connections",
-        max_connections=lambda settings: settings.metrics_max_connections)
+        max_connections=lambda settings: settings.metrics_max_connections, evict_busy=True)
     try:
         listeners = bind_tcp(host, port)
         bound = [sock.getsockname()[0] for sock in listeners]

@@ -102,7 +102,7 @@ class BoundedServer:
 
     def __init__(self, app: web.Application, settings: Settings, *, name: str,
                  cap_setting: str, max_connections: Callable[[Settings], int],
-                 probe_reserve: int = 0,
+                 probe_reserve: int = 0, evict_busy: bool = False,
                  on_refused: Callable[[int], None] = lambda status: None) -> None:
         self.app = app
         self.settings = settings
@@ -110,6 +110,10 @@ class BoundedServer:
         self.cap_setting = cap_setting
         self._cap = max_connections
         self.probe_reserve = probe_reserve
+        # Whether a busy connection may be closed for a new one, once no idle one is left:
+        # where every request is a GET that can be asked again (the metrics port), so that
+        # clients which never read their answers cannot keep a scraper out.
+        self.evict_busy = evict_busy
         self.refused = on_refused
         self.hangups: Hangups | None = None
         self._runner: web.AppRunner | None = None
@@ -275,15 +279,19 @@ class BoundedServer:
         conn.close()
 
     def _evict(self, count: int) -> int:
-        """Close up to `count` idle connections, oldest first; how many were closed."""
+        """Close up to `count` idle connections, oldest first (then busy ones, oldest
+        first, with `evict_busy`); how many were closed."""
         if count <= 0:
             return 0
         victims = [c for c in self._connections if c.idle][:count]
+        if self.evict_busy and len(victims) < count:
+            victims += [c for c in self._connections if not c.idle][:count - len(victims)]
         for victim in victims:
             self._connections.pop(victim, None)
             victim.force_close()
         if victims:
             log.warning(f"{self.name}_connections_at_limit",
                         max_connections=self.max_connections(),
-                        detail="idle connections are closed to make room")
+                        detail="the oldest connections, busy ones too, are closed to make room"
+                        if self.evict_busy else "idle connections are closed to make room")
         return len(victims)
