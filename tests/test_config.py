@@ -268,6 +268,20 @@ def test_a_token_typed_as_a_flag_is_refused_and_never_echoed(args: tuple[str, ..
         assert "CODER_AGENT_TOKEN" in proc.stderr
 
 
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_an_empty_socket_path_is_refused_by_name(how: str, tmp_path: Path) -> None:
+    """An empty or blank socket path (flag or file) is refused as not a path, exit 2,
+    instead of being taken for "." and refused later as "not a socket"."""
+    if how == "flag":
+        proc = run_cli("config", "--socket", " ")
+    else:
+        (tmp_path / "c.toml").write_text('socket = ""\n')
+        proc = run_cli("config", env={"AGENT_SIDECAR_CONFIG": str(tmp_path / "c.toml")})
+    assert proc.returncode == 2, proc.stdout
+    assert "invalid socket" in proc.stderr
+    assert "must be a path" in proc.stderr
+
+
 def test_help_names_each_setting_value_by_its_unit() -> None:
     """`run --help` shows a seconds setting's value as SECONDS, a byte cap's as BYTES and a
     count's (relay_max_connections) as COUNT, never a unit it does not have."""

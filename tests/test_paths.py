@@ -64,18 +64,23 @@ def test_the_config_file_names_the_socket_below_the_environment(tmp_path: Path) 
     (None, "not found"),
     ("DIR", "cannot be read: Is a directory"),
     ("socket = \n", "not valid TOML"),
-    ("socket = 5\n", "socket must be a string"),
+    ("socket = 5\n", "socket must be a path"),
+    ('socket = ""\n', "socket must be a path"),
+    ('socket = " "\n', "socket must be a path"),
+    (b'\xff\xfe socket = "x"\n', "not valid TOML: not UTF-8 text (byte 0)"),
 ])
 @pytest.mark.parametrize("flag", [None, "/s/flag.sock"])
 def test_a_config_file_the_daemon_refuses_is_refused_not_skipped(
-    tmp_path: Path, content: str | None, problem: str, flag: str | None,
+    tmp_path: Path, content: str | bytes | None, problem: str, flag: str | None,
 ) -> None:
-    """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable, not TOML or
-    holds a non-string socket raises ConfigFileError naming the file and the problem,
+    """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable, not TOML (not
+    UTF-8 included) or holds a socket that is not a path raises ConfigFileError naming the file and the problem,
     instead of falling back to another socket, even when the flag names one."""
     path = tmp_path / "c.toml"
     if content == "DIR":
         path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
     with pytest.raises(paths.ConfigFileError) as err:

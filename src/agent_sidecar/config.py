@@ -401,6 +401,15 @@ class Settings(BaseSettings):
             return None
         return _http_url(value, "https://coder.example.com/")
 
+    @field_validator("socket", mode="before")
+    @classmethod
+    def _check_socket(cls, value: object) -> object:
+        # Path("") is ".", which run would then refuse as "not a socket": name the fault.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"must be a path, like /run/user/1000/{paths.SOCKET_NAME}; "
+                             "unset it for the default")
+        return value
+
     @field_validator("metrics_addr")
     @classmethod
     def _check_metrics_addr(cls, value: str | None) -> str | None:

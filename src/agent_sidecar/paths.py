@@ -69,6 +69,9 @@ def read_config_file(name: str) -> dict[str, object]:
             f"config file {name}: cannot be read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"config file {name}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise ConfigFileError(f"config file {name}: not valid TOML: not UTF-8 text (byte "
+                              f"{exc.start})") from None
 
 
 def _from_config_file(environ: Mapping[str, str]) -> str | None:
@@ -76,10 +79,10 @@ def _from_config_file(environ: Mapping[str, str]) -> str | None:
     if not name:
         return None
     value = read_config_file(name).get("socket")
-    if value is not None and not isinstance(value, str):
-        raise ConfigFileError(f"config file {name}: socket must be a string, a path like "
-                              f'"/run/user/1000/{SOCKET_NAME}"')
-    return value or None
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigFileError(f"config file {name}: socket must be a path, like "
+                              f'"/run/user/1000/{SOCKET_NAME}"; leave it out for the default')
+    return value
 
 
 def socket_path(flag: str | None = None, environ: Mapping[str, str] | None = None) -> str:
