@@ -74,8 +74,9 @@ def test_a_config_file_the_daemon_refuses_is_refused_not_skipped(
     tmp_path: Path, content: str | bytes | None, problem: str, flag: str | None,
 ) -> None:
     """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable, not TOML (not
-    UTF-8 included) or holds a socket that is not a path raises ConfigFileError naming the file and the problem,
-    instead of falling back to another socket, even when the flag names one."""
+    UTF-8 included) or holds a socket that is not a path raises ConfigFileError naming the
+    file and the problem, instead of falling back to another socket, even when the flag
+    names one."""
     path = tmp_path / "c.toml"
     if content == "DIR":
         path.mkdir()
