@@ -900,6 +900,7 @@ async def test_not_connected_names_the_followers_last_error(short_dir: Path) -> 
         await until(lambda: not env.conv.connected, wake=env.conv.changed.wait)
         status, body = await env.send({"input": "hello", "wait_s": 0.2})
     assert status == 503, body
+    assert body["message"] == "agentapi answers, but the sidecar cannot follow it."
     assert "the follower's last error: GET /messages answered more than 65536 bytes " \
            "(max_agentapi_response_bytes)" in body["detail"]
     assert agent.received == []

@@ -123,6 +123,9 @@ class FollowState:
     mode: str = "events"  # or "polling"
     reconnects: int = 0
     last_error: str | None = None
+    # Whether agentapi answered the attempt that failed last (an answer the follower
+    # could not use, such as a /messages over its cap), rather than not at all.
+    answered: bool = False
     transport: str | None = None  # "pty" | "acp" from /status (v0.12+); None: not said
     agent_type: str | None = None  # from /status or status_change (v0.11+); None: not said
     status_read: bool = False  # a /status answer was read: a None transport is then a "no"
@@ -542,6 +545,7 @@ class AgentAPI:
             try:
                 await self._stream(conversation)
                 reason = kind = "stream ended"
+                answered = True
             except _NoEvents as exc:
                 self.state.mode = "polling"
                 log.warning("agentapi_no_events", detail=f"{exc}; polling /messages, and "
@@ -552,12 +556,13 @@ class AgentAPI:
             except (aiohttp.ClientError, TimeoutError, OSError, AgentAPIError,
                     AgentAPIUnavailable) as exc:
                 reason, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
+                answered = isinstance(exc, AgentAPIError)
                 if lost and not conversation.connected:  # the connect after it failed
                     self.state.gone.notify()
             lived = clock() - started
             lost = conversation.connected
             conversation.set_connected(False)
-            self.state.last_error = reason
+            self.state.last_error, self.state.answered = reason, answered
             if lived >= HEALTHY_CONNECTION_S:
                 backoff.reset()
             if lost and lived >= QUICK_RECONNECT_AFTER_S:
@@ -673,6 +678,7 @@ class AgentAPI:
                     self.state.gone.notify()  # it answered the last poll and not this one
                 conversation.set_connected(False)
                 self.state.last_error = str(exc)
+                self.state.answered = isinstance(exc, AgentAPIError)
                 log.warning("agentapi_poll_failed", error=type(exc).__name__,
                             detail=logs.clip(str(exc), 300))
             await asyncio.sleep(self.settings.poll_interval_s)

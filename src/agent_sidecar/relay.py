@@ -288,7 +288,11 @@ class Relay:
                          "the input was not sent; retry against its successor")
         except _NotReady:
             if not self.conversation.connected:
-                return error(503, "agentapi cannot be reached.",
+                state = self.agentapi.state
+                headline = ("agentapi answers, but the sidecar cannot follow it."
+                            if state.last_error and state.answered
+                            else "agentapi cannot be reached.")
+                return error(503, headline,
                              f"not connected to {self.agentapi.url} within {inp.wait_s:g}s"
                              f"{self._follower_error()}; the input was not sent")
             return error(409, "The agent is still busy.",
