@@ -374,6 +374,37 @@ async def test_output_into_a_closed_pipe_exits_141_quietly(
     assert (proc.returncode, err.decode()) == (141, "")
 
 
+@pytest.mark.parametrize(("args", "code", "said"), [
+    (("status", "--json"), 1, "agent-sidecar: cannot write the output: No space left on device"),
+    (("send", "--reply", "x"), 6, "agent-sidecar: the input was delivered, but its answer "
+     "could not be written: No space left on device; do not resend it"),
+])
+async def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    stub: StubRelay, args: tuple[str, ...], code: int, said: str,
+) -> None:
+    """Output to a full device (/dev/full) ends the command with one line on stderr; `send`
+    says its input was delivered (exit 6), the others exit 1; no traceback."""
+    stub.send_answer = (200, REPLY)
+    with open("/dev/full", "wb") as full:  # noqa: ASYNC230 - a device, never blocks
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent_sidecar", *args, "--socket", str(stub.socket),
+            env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=full,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode().strip()) == (code, said)
+
+
+async def test_a_closed_stdout_is_not_a_traceback(stub: StubRelay) -> None:
+    """With no stdout at all (`>&-`), `status --json` still exits 0 and writes nothing to
+    stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "agent_sidecar", "status",
+        "--json", "--socket", str(stub.socket),
+        env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (0, "")
+
+
 async def test_a_malformed_reply_is_a_failure_that_says_it_was_delivered(
     stub: StubRelay,
 ) -> None:

@@ -34,6 +34,8 @@ EXIT_INTERRUPTED = 130
 # stdout or stderr is a pipe whose reader left (`status --json | head -1`): 128 + SIGPIPE,
 # what the shell reports for a program the signal ended, as it would have ended us.
 EXIT_PIPE_CLOSED = 141
+# What writing stdout fails with when the output cannot be taken (not a closed pipe).
+_OUTPUT_ERRNOS = frozenset({28, 122, 27, 5})  # ENOSPC, EDQUOT, EFBIG, EIO (Linux)
 
 # `send`'s exit codes, from the relay's answer (README: "The relay API").
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent
@@ -74,8 +76,8 @@ exit codes:
        do not resend it blindly
   5    never sent: the sidecar cannot be reached (or its socket is served by another
        user), it cannot reach agentapi (503), or the request was too slow to arrive (408)
-  6    with --reply: delivered, but the answer printed is incomplete (why on stderr);
-       do not resend it, it was delivered
+  6    with --reply: delivered, but the answer printed is incomplete (why on stderr),
+       or stdout could not take it; do not resend it, it was delivered
   130  interrupted
   141  the output was a pipe closed by its reader
 """
@@ -749,6 +751,18 @@ def _say_refused(event: str, problems: list[str], fmt: str, *,
         print(prefix + line, file=sys.stderr)
 
 
+def _output_failed(command: str, exc: OSError) -> int:
+    """stdout could not take the output (a full disk, a quota): one line, not a
+    traceback. Only `send` had delivered something by then, and must say so."""
+    why = exc.strerror or str(exc)
+    if command == "send":
+        print(f"agent-sidecar: the input was delivered, but its answer could not be written: "
+              f"{why}; do not resend it", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    print(f"agent-sidecar: cannot write the output: {why}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def _pipe_closed() -> int:
     """Our reader left (`| head -1`): say nothing more, as programs the SIGPIPE ends do.
     stdout and stderr point at /dev/null from here, so the interpreter's own flush at
@@ -776,10 +790,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         code = _COMMANDS[args.command](args)
         # A closed pipe shows at the flush; left to the interpreter's exit, it would be
-        # an "Exception ignored" traceback.
-        sys.stdout.flush()
+        # an "Exception ignored" traceback. (No stdout at all, `>&-`: print writes nothing.)
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except BrokenPipeError:
         code = _pipe_closed()
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        code = _output_failed(args.command, exc)
     except client.ClientError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
