@@ -361,7 +361,12 @@ class AgentAPI:
         agentapi holds its lock that long (field-notes.md §4); else agentapi_timeout_s."""
         return None if self.state.transport == "acp" else self.settings.agentapi_timeout_s
 
-    async def _get_json(self, path: str, cap: int, cap_name: str) -> Any:
+    @asynccontextmanager
+    async def _read_200(self, path: str, cap_name: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET `path`, yielding the response once it is a 200, for a body read within
+        agentapi_timeout_s. What reading it raises is mapped to this client's errors:
+        AgentAPIUnavailable (not finished in time, or cut), AgentAPIError (not 200, over
+        the cap named `cap_name`, badly encoded, without a messages list)."""
         async with self._get(path, wait_s=self._answer_wait_s()) as resp:
             try:
                 async with asyncio.timeout(self.settings.agentapi_timeout_s):
@@ -369,7 +374,7 @@ class AgentAPI:
                         body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
                         raise AgentAPIError(f"GET {path} answered {resp.status}", resp.status,
                                             problem_detail(body))
-                    body = await read_capped(resp, cap)
+                    yield resp
             except TimeoutError:
                 raise AgentAPIUnavailable(
                     f"agentapi at {self.url} did not finish the body of GET {path} within "
@@ -377,12 +382,19 @@ class AgentAPI:
             except BodyTooLarge as exc:
                 raise AgentAPIError(
                     f"GET {path} answered more than {exc.cap} bytes ({cap_name})") from None
+            except NoArray as exc:
+                raise AgentAPIError(f"GET {path} answered without a messages list: {exc}"
+                                    ) from None
             except BodyError as exc:
                 raise AgentAPIError(f"GET {path}: {exc}") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise AgentAPIUnavailable(
                     f"agentapi at {self.url} cut the body of GET {path}: "
                     f"{neterrors.describe(exc)}") from exc
+
+    async def _get_json(self, path: str, cap: int, cap_name: str) -> Any:
+        async with self._read_200(path, cap_name) as resp:
+            body = await read_capped(resp, cap)
         try:
             return _loads(body)
         except ValueError as exc:
@@ -422,41 +434,19 @@ class AgentAPI:
         splitter = ArraySplitter("messages", self.settings.max_event_bytes)
         dropped: dict[str, int] = {}
         replaced = 0
-        async with self._get(path, wait_s=self._answer_wait_s()) as resp:
-            try:
-                async with asyncio.timeout(self.settings.agentapi_timeout_s):
-                    if resp.status != 200:
-                        body = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
-                        raise AgentAPIError(f"GET {path} answered {resp.status}", resp.status,
-                                            problem_detail(body))
-                    async for piece in iter_capped(resp, cap):
-                        for element in splitter.feed(piece):
-                            message = _element(element, retain_chars)
-                            if isinstance(message, str):
-                                dropped[message] = dropped.get(message, 0) + 1
-                                if on_drop is not None:
-                                    on_drop(message)
-                                continue
-                            replaced += message.time_replaced
-                            each(message)
-                        await asyncio.sleep(0)  # between pieces, the loop runs
-                    splitter.close()
-            except TimeoutError:
-                raise AgentAPIUnavailable(
-                    f"agentapi at {self.url} did not finish the body of GET {path} within "
-                    f"{self.settings.agentapi_timeout_s:g}s") from None
-            except BodyTooLarge as exc:
-                raise AgentAPIError(f"GET {path} answered more than {exc.cap} bytes "
-                                    "(max_agentapi_response_bytes)") from None
-            except NoArray as exc:
-                raise AgentAPIError(f"GET {path} answered without a messages list: {exc}"
-                                    ) from None
-            except BodyError as exc:
-                raise AgentAPIError(f"GET {path}: {exc}") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise AgentAPIUnavailable(
-                    f"agentapi at {self.url} cut the body of GET {path}: "
-                    f"{neterrors.describe(exc)}") from exc
+        async with self._read_200(path, "max_agentapi_response_bytes") as resp:
+            async for piece in iter_capped(resp, cap):
+                for element in splitter.feed(piece):
+                    message = _element(element, retain_chars)
+                    if isinstance(message, str):
+                        dropped[message] = dropped.get(message, 0) + 1
+                        if on_drop is not None:
+                            on_drop(message)
+                        continue
+                    replaced += message.time_replaced
+                    each(message)
+                await asyncio.sleep(0)  # between pieces, the loop runs
+            splitter.close()
         if dropped:
             log.warning("agentapi_messages_dropped", count=sum(dropped.values()),
                         reasons=dropped)
