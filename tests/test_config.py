@@ -268,14 +268,15 @@ def test_a_token_typed_as_a_flag_is_refused_and_never_echoed(args: tuple[str, ..
         assert "CODER_AGENT_TOKEN" in proc.stderr
 
 
-@pytest.mark.parametrize("how", ["flag", "file"])
-def test_an_empty_socket_path_is_refused_by_name(how: str, tmp_path: Path) -> None:
-    """An empty or blank socket path (flag or file) is refused as not a path, exit 2,
-    instead of being taken for "." and refused later as "not a socket"."""
+@pytest.mark.parametrize("how", ["flag", 'socket = ""', "socket = 5", 'socket = ["a"]'])
+def test_a_socket_that_is_not_a_path_is_refused_by_name(how: str, tmp_path: Path) -> None:
+    """An empty or blank socket path (flag or file), or a file's socket that is not text,
+    is refused as not a path, exit 2, in the clients' words, instead of being taken for
+    "." and refused later as "not a socket", or in the settings library's words."""
     if how == "flag":
         proc = run_cli("config", "--socket", " ")
     else:
-        (tmp_path / "c.toml").write_text('socket = ""\n')
+        (tmp_path / "c.toml").write_text(how + "\n")
         proc = run_cli("config", env={"AGENT_SIDECAR_CONFIG": str(tmp_path / "c.toml")})
     assert proc.returncode == 2, proc.stdout
     assert "invalid socket" in proc.stderr

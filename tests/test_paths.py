@@ -73,10 +73,10 @@ def test_the_config_file_names_the_socket_below_the_environment(tmp_path: Path) 
 def test_a_config_file_the_daemon_refuses_is_refused_not_skipped(
     tmp_path: Path, content: str | bytes | None, problem: str, flag: str | None,
 ) -> None:
-    """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable, not TOML (not
-    UTF-8 included) or holds a socket that is not a path raises ConfigFileError naming the
-    file and the problem, instead of falling back to another socket, even when the flag
-    names one."""
+    """A config file AGENT_SIDECAR_CONFIG names that is missing, unreadable or not TOML (not
+    UTF-8 included) raises ConfigFileError naming the file and the problem, even when the
+    flag names the socket, instead of falling back to another socket; a socket in it that
+    is not a path does so when it is the one used, and loses to the flag as in `run`."""
     path = tmp_path / "c.toml"
     if content == "DIR":
         path.mkdir()
@@ -84,8 +84,13 @@ def test_a_config_file_the_daemon_refuses_is_refused_not_skipped(
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
+    environ = {"AGENT_SIDECAR_CONFIG": str(path)}
+    if flag is not None and problem.startswith("socket"):
+        # The file's socket loses to the flag, and `run` checks only the value it uses.
+        assert paths.socket_path(flag, environ) == flag
+        return
     with pytest.raises(paths.ConfigFileError) as err:
-        paths.socket_path(flag, {"AGENT_SIDECAR_CONFIG": str(path)})
+        paths.socket_path(flag, environ)
     assert str(err.value).startswith(f"config file {path}: {problem}"), err.value
     assert len(str(err.value).splitlines()) == 1
 

@@ -404,10 +404,13 @@ class Settings(BaseSettings):
     @field_validator("socket", mode="before")
     @classmethod
     def _check_socket(cls, value: object) -> object:
-        # Path("") is ".", which run would then refuse as "not a socket": name the fault.
-        if isinstance(value, str) and not value.strip():
+        # Path("") is ".", which run would then refuse as "not a socket": name the fault,
+        # in the words the clients use for the same file (paths.py).
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value.strip():
             raise ValueError(f"must be a path, like /run/user/1000/{paths.SOCKET_NAME}; "
-                             "unset it for the default")
+                             "leave it out for the default")
         return value
 
     @field_validator("metrics_addr")

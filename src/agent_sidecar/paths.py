@@ -74,11 +74,16 @@ def read_config_file(name: str) -> dict[str, object]:
                               f"{exc.start})") from None
 
 
-def _from_config_file(environ: Mapping[str, str]) -> str | None:
+def _from_config_file(environ: Mapping[str, str], used: bool) -> str | None:
+    """The file's `socket`, when a file is named. The file is read even when its socket is
+    not `used` (a flag or the variable wins), since `run` refuses a file it cannot read;
+    its `socket` value is checked only when used, as `run` checks only the winning one."""
     name = environ.get(CONFIG_ENV)
     if not name:
         return None
     value = read_config_file(name).get("socket")
+    if not used:
+        return None
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ConfigFileError(f"config file {name}: socket must be a path, like "
                               f'"/run/user/1000/{SOCKET_NAME}"; leave it out for the default')
@@ -91,8 +96,9 @@ def socket_path(flag: str | None = None, environ: Mapping[str, str] | None = Non
     wins, and raises ConfigFileError when it cannot be used: `run` refuses such a file, so
     falling back to another socket would talk to another daemon than the file names."""
     environ = os.environ if environ is None else environ
-    from_file = _from_config_file(environ)
-    return (flag or environ.get(SOCKET_ENV) or from_file or default_socket_path(environ))
+    chosen = flag or environ.get(SOCKET_ENV)
+    from_file = _from_config_file(environ, used=not chosen)
+    return chosen or from_file or default_socket_path(environ)
 
 
 def ensure_private_dir(socket: str, environ: Mapping[str, str] | None = None, *,
