@@ -535,7 +535,7 @@ class AgentAPI:
             try:
                 await self._stream(conversation)
                 reason = kind = "stream ended"
-                answered = True
+                answered = False  # as when agentapi stops: nothing it said was refused
             except _NoEvents as exc:
                 self.state.mode = "polling"
                 log.warning("agentapi_no_events", detail=f"{exc}; polling /messages, and "
