@@ -179,7 +179,9 @@ async def test_in_sink_only_mode_a_failing_sink_is_degraded_not_unhealthy(
     README says, never 503: the sink is for people, not a reason to restart."""
     blocker = short_dir / "not-a-dir"
     blocker.write_text("a file where the sink directory should be")
-    settings = settings_for(agent, None, short_dir, settle_s=0, sink_dir=blocker / "sink")
+    # A short shutdown: the final flush retries the sink that cannot be written until then.
+    settings = settings_for(agent, None, short_dir, settle_s=0, sink_dir=blocker / "sink",
+                            shutdown_timeout_s=1)
     async with serving(settings):
         agent.add_message("user", "write me down")
         status, health = 0, dict[str, Any]()
