@@ -24,7 +24,7 @@ from standins.coderd import (
     redirecting,
 )
 from standins.proxy import ForwardProxy
-from standins.waiting import hanging, wait_for_file
+from standins.waiting import drop_after_reading, hanging, wait_for_file
 
 __all__ = [
     "STABILIZE_FAILURE",
@@ -36,6 +36,7 @@ __all__ = [
     "Upload",
     "Version",
     "coder_error",
+    "drop_after_reading",
     "front_body_limit",
     "hanging",
     "nginx_page",

@@ -23,6 +23,16 @@ def hanging(entered: asyncio.Event | None = None) -> Hook:
     return hook
 
 
+async def drop_after_reading(request: web.Request) -> web.StreamResponse | None:
+    """A hook that reads the request, then drops the connection without an answer: the
+    peer took the input, and the client cannot know what became of it."""
+    await request.read()
+    assert request.transport is not None
+    request.transport.abort()
+    await asyncio.Event().wait()
+    return None
+
+
 async def wait_for_file(path: Path, content: bytes, timeout_s: float) -> None:
     """Until `path` holds `content`, woken by filesystem events. The watcher also wakes every
     200 ms without one, so a write just before it started watching is not missed."""

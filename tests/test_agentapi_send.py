@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 from aiohttp import web
-from standins import FakeAgentAPI, problem
+from standins import FakeAgentAPI, drop_after_reading, problem
 
 from agent_sidecar.agentapi import (
     AgentAPI,
@@ -102,14 +102,7 @@ async def test_a_connection_dropped_after_the_write_is_unconfirmed(
 ) -> None:
     """agentapi reads the request and drops the connection: SendUnconfirmed, not
     'unreachable'."""
-    async def drop(request: web.Request) -> web.StreamResponse | None:
-        await request.read()
-        assert request.transport is not None
-        request.transport.abort()
-        await asyncio.Event().wait()
-        return None
-
-    agent.message_hook = drop
+    agent.message_hook = drop_after_reading
     with pytest.raises(SendUnconfirmed, match="the connection dropped"):
         await client.send("hello", "user")
 

@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,10 @@ def settings_for(agent: FakeAgentAPI, coderd: FakeCoderd | None, short_dir: Path
 
 
 @asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[Controls, asyncio.Task[int]]]:
+async def serving(settings: Settings, reload_settings: Callable[[], Settings] | None = None,
+                  ) -> AsyncIterator[tuple[Controls, asyncio.Task[int]]]:
     controls = Controls()
-    task = asyncio.create_task(serve(settings, controls))
+    task = asyncio.create_task(serve(settings, controls, reload_settings=reload_settings))
     try:
         async with asyncio.timeout(10):
             ready = asyncio.create_task(controls.ready.wait())

@@ -146,11 +146,7 @@ async def test_a_reloaded_max_event_bytes_applies_to_the_open_stream(
     is already open, not only after a reconnect."""
     settings = settings_for(agent, None, short_dir)
     smaller = settings.model_copy(update={"max_event_bytes": 65536})
-    controls = Controls()
-    served = asyncio.create_task(serve(settings, controls, reload_settings=lambda: smaller))
-    try:
-        async with asyncio.timeout(10):
-            await controls.ready.wait()
+    async with serving(settings, reload_settings=lambda: smaller) as (controls, served):
         controls.reload.set()
         await until(lambda: "config_reloaded" in log_output.getvalue())
         agent.add_message("agent", "x" * 100_000)
@@ -158,10 +154,6 @@ async def test_a_reloaded_max_event_bytes_applies_to_the_open_stream(
         assert agent.subscribers == 1  # the same stream: no reconnect was needed
         controls.shutdown.set()
         assert await served == 0
-    finally:
-        if not served.done():
-            served.cancel()
-        await asyncio.gather(served, return_exceptions=True)
 
 
 def test_every_live_setting_is_read_at_use_time_by_some_component() -> None:

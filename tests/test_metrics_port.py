@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from standins import FakeAgentAPI
 
-from agent_sidecar.daemon import Controls, serve
 from agent_sidecar.metrics import CONTENT_TYPE, PORT_ANSWERS_PER_S, PORT_CACHE_S
 
 from .conftest import until
@@ -115,12 +114,8 @@ async def test_metrics_max_connections_changes_on_a_reload(
     port = free_port()
     settings = settings_for(agent, None, short_dir, metrics_addr=f"127.0.0.1:{port}",
                             metrics_max_connections=1)
-    controls = Controls()
     raised = settings.model_copy(update={"metrics_max_connections": 3})
-    served = asyncio.create_task(serve(settings, controls, reload_settings=lambda: raised))
-    try:
-        async with asyncio.timeout(10):
-            await controls.ready.wait()
+    async with serving(settings, reload_settings=lambda: raised) as (controls, served):
         controls.reload.set()
         await until(lambda: '"config_reloaded"' in log_output.getvalue())
         [reloaded] = [json.loads(line) for line in log_output.getvalue().splitlines()
@@ -132,7 +127,6 @@ async def test_metrics_max_connections_changes_on_a_reload(
             assert await scrape(scraper) == 200
             assert first.quiet_and_open()
             assert second.quiet_and_open()
-    finally:
         controls.shutdown.set()
         assert await served == 0
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from standins import VERSIONS, FakeAgentAPI, FakeMessage, Version, problem
+from standins import VERSIONS, FakeAgentAPI, FakeMessage, Version, drop_after_reading, problem
 
 from agent_sidecar.agentapi import AgentAPI
 from agent_sidecar.conversation import Conversation, Message
@@ -611,14 +611,7 @@ async def test_a_hanging_post_is_504_within_its_bound_and_never_retried(
 async def test_a_connection_dropped_after_the_request_is_504(env: Env) -> None:
     """agentapi drops the connection after reading the POST: sent, outcome unknown (504),
     not 'unreachable'."""
-    async def drop(request: web.Request) -> web.StreamResponse | None:
-        await request.read()
-        assert request.transport is not None
-        request.transport.abort()
-        await asyncio.Event().wait()
-        return None
-
-    env.agent.message_hook = drop
+    env.agent.message_hook = drop_after_reading
     status, body = await env.send({"input": "hello"})
     assert status == 504
     assert "the connection dropped" in body["detail"]

@@ -11,6 +11,7 @@ when one of them is the command being parsed.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ EXIT_INTERRUPTED = 130
 # what the shell reports for a program the signal ended, as it would have ended us.
 EXIT_PIPE_CLOSED = 141
 # What writing stdout fails with when the output cannot be taken (not a closed pipe).
-_OUTPUT_ERRNOS = frozenset({28, 122, 27, 5})  # ENOSPC, EDQUOT, EFBIG, EIO (Linux)
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 # `send`'s exit codes, from the relay's answer (README: "The relay API").
 EXIT_BUSY = 3  # 409: still busy after the wait; nothing was sent

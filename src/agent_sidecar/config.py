@@ -328,8 +328,8 @@ class Settings(BaseSettings):
     metrics_max_connections: int = Field(
         16, ge=1, le=1024,
         description="connections to metrics_addr open at once; at the cap the longest idle "
-        "one is closed for a new one, so a flood of the port holds at most this many "
-        "descriptors",
+        "one (else the oldest busy one) is closed for a new one, so a flood of the port "
+        "holds at most this many descriptors",
     )
     unhealthy_after_s: float | None = Field(
         None, gt=0, le=86400,
