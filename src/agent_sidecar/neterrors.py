@@ -8,6 +8,7 @@ the operating system's reason and where it happened.
 from __future__ import annotations
 
 import os
+import socket
 
 import aiohttp
 
@@ -22,7 +23,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer was cut short"
     if isinstance(exc, OSError) and (exc.errno or exc.strerror):
-        return os.strerror(exc.errno) if exc.errno else str(exc.strerror)
+        return _words(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -32,5 +33,16 @@ def os_reason(exc: aiohttp.ClientConnectorError) -> str:
     error = exc.os_error
     if not isinstance(error, OSError):
         return str(exc)
-    # asyncio words a refused connect "Connect call failed (...)": the errno says it plainly.
-    return os.strerror(error.errno) if error.errno else (error.strerror or str(error))
+    return _words(error)
+
+
+def _words(error: OSError) -> str:
+    """The OS's words for `error`. A failed name lookup (socket.gaierror) carries a
+    getaddrinfo code, negative, which os.strerror does not know ("Unknown error -2"): its
+    own text is the cause. Otherwise the errno's words, since asyncio words a refused
+    connect "Connect call failed (...)"."""
+    if isinstance(error, socket.gaierror):
+        return f"name lookup failed: {error.strerror or error}"
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or str(error)
